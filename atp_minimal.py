@@ -1,0 +1,412 @@
+"""
+AtP* in one file: exhaustive activation patching (the ground truth), AtP, the QK fix, GradDrop, AtP*,
+and the statistical bound on the false negatives that remain, in the order of the paper:
+
+  J. Kramar, T. Lieberum, R. Shah, N. Nanda (2024). "AtP*: An efficient and scalable method for
+  localizing LLM behaviour to components." https://arxiv.org/abs/2403.00745
+
+Conventions (the paper's, everywhere): run on the CLEAN prompt, patch in the NOISE value, take the
+gradient at the clean activation, Delta = noise - clean, |.| per prompt pair before averaging.
+
+Dimension legend: B prompt pairs, L layers, T query position, S key position, H heads, Dh d_head,
+M MLP neurons, U units of a site (H for q/k/v/z, M for neurons), E features per unit (Dh, or 1).
+
+Nodes (paper §1.1): kind in KINDS, at (layer, position, head or neuron). Every function returns a dict
+kind -> tensor (B, L, T, U); with positions="all" a node is a unit at every position at once and the
+T axis disappears: (B, L, U).
+
+    import atp_minimal as atp
+    effects = atp.activation_patching(model, clean, noise, metric)        # I(n) per pair, exact
+    scores  = atp.atp_star(model, clean, noise, metric)                    # per pair, >= 0
+    ranking = atp.rank_nodes({k: s.mean(0) for k, s in scores.items()})   # c_hat(n), best first
+
+Run `python atp_minimal.py` for the worked example on the shipped toy IOI model.
+"""
+
+import math
+from contextlib import contextmanager
+
+import torch
+
+KINDS = ("q", "k", "v", "z", "neuron")
+SITES = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v", "z": "attn.hook_z",
+         "neuron": "mlp.hook_post"}
+
+
+# --------------------------------------------------------------------------------------------------
+# --- metrics: one scalar per prompt pair (§1.2)
+
+def logit_diff(answer, wrong, position=-1):
+    """metric(logits (B, T, V)) -> (B,): logit of `answer` minus logit of `wrong` at `position`.
+    answer/wrong: a token id or one id per prompt pair."""
+    def metric(logits):
+        last = logits[:, position, :]  # (B, V)
+        a = torch.as_tensor(answer, device=logits.device).expand(last.shape[0])
+        w = torch.as_tensor(wrong, device=logits.device).expand(last.shape[0])
+        return last.gather(1, a[:, None])[:, 0] - last.gather(1, w[:, None])[:, 0]  # (B,)
+    return metric
+
+
+def neg_log_prob(target, position=-1):
+    """metric(logits (B, T, V)) -> (B,): -log p(target) at `position`."""
+    def metric(logits):
+        logp = torch.log_softmax(logits[:, position, :], dim=-1)  # (B, V)
+        t = torch.as_tensor(target, device=logits.device).expand(logp.shape[0])
+        return -logp.gather(1, t[:, None])[:, 0]  # (B,)
+    return metric
+
+
+# --------------------------------------------------------------------------------------------------
+# --- plumbing: input checks, eval mode, caching sites
+
+def check_inputs(model, clean, noise, kinds, positions="each"):
+    if not isinstance(clean, torch.Tensor) or not isinstance(noise, torch.Tensor) or clean.shape != noise.shape:
+        raise ValueError(f"clean and noise must be token tensors of the same shape (B, T); got "
+                         f"{getattr(clean, 'shape', type(clean))} and {getattr(noise, 'shape', type(noise))}")
+    model.check_tokens(clean)
+    model.check_tokens(noise)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown node kinds {unknown}; choose from {KINDS}")
+    if positions not in ("each", "all"):
+        raise ValueError(f"positions must be 'each' (a node per position) or 'all', got {positions!r}")
+
+
+def check_metric(values, B, what):
+    if not isinstance(values, torch.Tensor) or values.shape != (B,):
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"metric must return one value per prompt pair, shape ({B},); got {got} on {what}")
+    if not torch.isfinite(values).all():
+        raise ValueError(f"metric returned non-finite values on {what}: {values.tolist()}")
+    return values
+
+
+@contextmanager
+def eval_mode(model):
+    """Run in eval mode (paper pitfall 8: no dropout anywhere), then restore the caller's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def site(kind, layer):
+    return f"blocks.{layer}.{SITES[kind]}"
+
+
+def as_units(t):
+    """Site tensor -> (B, T, U, E): q/k/v/z are (B, T, H, Dh) already; neurons (B, T, M) get E = 1."""
+    return t if t.dim() == 4 else t.unsqueeze(-1)
+
+
+def run_with_cache(model, idx, names, hooks=None):
+    """Forward on idx, keeping the tensors at the named sites (the very objects the forward consumed,
+    so torch.autograd.grad can differentiate with respect to them)."""
+    cache = {}
+    hooks = dict(hooks or {})
+    for name in names:
+        hooks[name] = lambda t, name=name: cache.__setitem__(name, t)
+    logits = model(idx, hooks=hooks)
+    return logits, cache
+
+
+def empty_scores(model, kinds, B, T, positions, dtype, device):
+    cfg = model.config
+    shape = lambda k: (B, cfg.n_layer) + ((T,) if positions == "each" else ()) + (
+        (cfg.d_mlp,) if k == "neuron" else (cfg.n_head,))
+    return {k: torch.zeros(shape(k), dtype=dtype, device=device) for k in kinds}
+
+
+# --------------------------------------------------------------------------------------------------
+# --- activation patching: the ground truth (§1.2-1.3)
+
+def activation_patching(model, clean, noise, metric, kinds=KINDS, positions="each", chunk_size=256,
+                        progress=None):
+    """Exact signed effect per pair: I(n) = metric(clean | do(n <- n(noise))) - metric(clean).
+    Returns kind -> (B, L, T, U) (or (B, L, U) with positions="all"). c(n) = effects[k].mean(0).
+
+    One patched copy of all B pairs per node; many nodes share one forward of at most `chunk_size` rows,
+    resumed from the cached clean residual stream at the patched layer (layers below are unchanged)."""
+    check_inputs(model, clean, noise, kinds, positions)
+    B, T = clean.shape
+    L = model.config.n_layer
+    sites = [site(k, l) for k in kinds for l in range(L)]
+    resids = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    with eval_mode(model), torch.no_grad():
+        _, noise_cache = run_with_cache(model, noise, sites)
+        clean_logits, clean_cache = run_with_cache(model, clean, sites + resids)
+        base = check_metric(metric(clean_logits), B, "the clean run")
+        effects = empty_scores(model, kinds, B, T, positions, base.dtype, base.device)
+        jobs = []  # (kind, layer, node indices): one node = (position, unit) or (unit,)
+        for k in kinds:
+            for l in range(L):
+                delta = as_units(noise_cache[site(k, l)]) - as_units(clean_cache[site(k, l)])  # (B, T, U, E)
+                changed = (delta != 0).any(-1).any(0)  # (T, U): does any pair move this node?
+                if positions == "all":
+                    changed = changed.any(0)  # (U,)
+                # A node whose noise value equals its clean value in every pair has I(n) = 0 exactly.
+                nodes = changed.nonzero()  # (N, 2) [pos, unit] or (N, 1) [unit]
+                per_chunk = max(1, chunk_size // B)
+                jobs += [(k, l, nodes[i:i + per_chunk]) for i in range(0, len(nodes), per_chunk)]
+        for k, l, nodes in _progress(jobs, progress, "activation patching"):
+            n = len(nodes)
+            clean_act, noise_act = as_units(clean_cache[site(k, l)]), as_units(noise_cache[site(k, l)])
+            row = torch.arange(n, device=clean.device)
+
+            def patch(t):  # t: (n*B, T, M) or (n*B, T, H, Dh); node i is patched in rows i*B..i*B+B-1
+                shape = t.shape
+                t = as_units(t).clone().view((n, B) + clean_act.shape[1:])  # (n, B, T, U, E)
+                if positions == "each":
+                    pos, unit = nodes[:, 0], nodes[:, 1]
+                    t[row, :, pos, unit] = noise_act[:, pos, unit].transpose(0, 1)  # (n, B, E)
+                else:
+                    unit = nodes[:, 0]
+                    t[row, :, :, unit] = noise_act[:, :, unit].permute(2, 0, 1, 3)  # (n, B, T, E)
+                return t.view(shape)
+
+            resid = clean_cache[f"blocks.{l}.hook_resid_pre"].repeat(n, 1, 1)  # (n*B, T, D)
+            logits = model.forward_from(l, resid, hooks={site(k, l): patch})  # (n*B, T, V)
+            for i in range(n):
+                value = check_metric(metric(logits[i * B:(i + 1) * B]), B, f"a patched run ({k}, layer {l})")
+                index = (slice(None), l) + tuple(nodes[i].tolist())
+                effects[k][index] = value - base
+    return effects
+
+
+def patch_node_sets(model, clean, noise, metric, masks, chunk_size=256, progress=None):
+    """Patch a SET of nodes jointly, for each of S sets: masks is kind -> bool (S, L, T, U) (or
+    (S, L, U) for whole-position nodes). Returns (S, B): metric(clean | do(set <- noise)) - metric(clean).
+    Used to verify single nodes (a set of one), and by the subset sampling of §5."""
+    kinds = tuple(masks)
+    check_inputs(model, clean, noise, kinds)
+    B, T = clean.shape
+    L = model.config.n_layer
+    S = next(iter(masks.values())).shape[0]
+    sites = [site(k, l) for k in kinds for l in range(L)]
+    resids = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    with eval_mode(model), torch.no_grad():
+        _, noise_cache = run_with_cache(model, noise, sites)
+        clean_logits, clean_cache = run_with_cache(model, clean, sites + resids)
+        base = check_metric(metric(clean_logits), B, "the clean run")
+        out = torch.zeros(S, B, dtype=base.dtype, device=base.device)
+        per_chunk = max(1, chunk_size // B)
+        chunks = list(range(0, S, per_chunk))
+        for start in _progress(chunks, progress, "patching node sets"):
+            m = {k: v[start:start + per_chunk].to(clean.device) for k, v in masks.items()}
+            n = next(iter(m.values())).shape[0]
+            touched = [l for l in range(L) if any(m[k][:, l].any() for k in kinds)]
+            if not touched:
+                continue  # empty sets: effect 0
+            hooks = {}
+            for k in kinds:
+                for l in touched:
+                    mask = m[k][:, l]  # (n, T, U) or (n, U)
+                    if mask.dim() == 2:
+                        mask = mask[:, None, :].expand(n, T, mask.shape[-1])  # a unit at every position
+                    mask = mask[:, None, :, :, None]  # (n, 1, T, U, 1)
+
+                    def patch(t, mask=mask, nz=as_units(noise_cache[site(k, l)])):
+                        units = as_units(t).view((n, B) + nz.shape[1:])  # (n, B, T, U, E)
+                        return torch.where(mask, nz, units).reshape(t.shape)
+                    hooks[site(k, l)] = patch
+            first = touched[0]
+            resid = clean_cache[f"blocks.{first}.hook_resid_pre"].repeat(n, 1, 1)  # (n*B, T, D)
+            logits = model.forward_from(first, resid, hooks=hooks)
+            for i in range(n):
+                value = check_metric(metric(logits[i * B:(i + 1) * B]), B, "a jointly patched run")
+                out[start + i] = value - base
+    return out
+
+
+def _progress(items, progress, desc):
+    """A tqdm bar on long sweeps (progress=None: only when there are many steps)."""
+    if progress is None:
+        progress = len(items) > 50
+    if not progress:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, leave=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# --- AtP (§2), the QK fix (§3), GradDrop (§4), AtP* (= all three)
+
+def attribution_patching(model, clean, noise, metric, kinds=KINDS, qk_fix=False, grad_drop=False,
+                         positions="each"):
+    """First-order estimates of I(n), one backward pass on the clean run for all nodes.
+    grad_drop=False: signed per-pair estimate I_hat(n) (kind -> (B, L, T, U)); score = |.|.mean(0).
+    grad_drop=True:  per-pair sum_l |I_hat_l(n)| / (L-1), >= 0 (§4.2).
+    qk_fix=True: q and k nodes use the exact-softmax estimates of §3.2-3.3."""
+    check_inputs(model, clean, noise, kinds, positions)
+    B, T = clean.shape
+    L = model.config.n_layer
+    if grad_drop and L < 2:
+        raise ValueError("GradDrop divides by L-1 and needs a model with at least 2 layers")
+    use_qk = qk_fix and any(k in ("q", "k") for k in kinds)
+    node_sites = [site(k, l) for k in kinds for l in range(L)]
+    qk_sites = [f"blocks.{l}.attn.{s}" for l in range(L) for s in ("hook_q", "hook_k")] if use_qk else []
+    pattern_sites = [f"blocks.{l}.attn.hook_pattern" for l in range(L)] if use_qk else []
+    score_sites = [f"blocks.{l}.attn.hook_attn_scores" for l in range(L)] if use_qk else []
+    resid_sites = [f"blocks.{l}.hook_resid_post" for l in range(L)] if grad_drop else []
+    with eval_mode(model):
+        with torch.no_grad():  # forward 1: the noise run, for n(x_noise)
+            _, noise_cache = run_with_cache(model, noise, node_sites + qk_sites)
+        with torch.enable_grad():  # forward 2 + backward: the clean run, for n(x_clean) and dL/dn
+            clean_logits, clean_cache = run_with_cache(model, clean, node_sites + qk_sites + pattern_sites
+                                                       + score_sites + resid_sites)
+            values = check_metric(metric(clean_logits), B, "the clean run")
+            wrt = node_sites + pattern_sites + resid_sites
+            grads = dict(zip(wrt, torch.autograd.grad(values.sum(), [clean_cache[n] for n in wrt],
+                                                      retain_graph=grad_drop, allow_unused=True)))
+            estimator = NodeEstimator(model, clean_cache, noise_cache, kinds, qk_fix, positions)
+            plain = estimator(grads, layers=range(L))  # kind -> (B, L, T, U), signed
+            if not grad_drop:
+                return plain
+            # §4.2: sum over dropped layers l of |I_hat_l(n)|. For a node in layer m:
+            #   l < m: the gradient at n is unchanged, so the term is |I_hat(n)|   (m such terms)
+            #   l = m: no gradient reaches inside a dropped block, so the term is 0
+            #   l > m: backprop from resid_pre_l with the gradient of resid_post_l, i.e. the skip path
+            #          only: layer l's write (attn_out + mlp_out) is stopped; the forward is unchanged.
+            layer_index = torch.arange(L, device=clean.device, dtype=plain[kinds[0]].dtype)
+            total = {k: plain[k].abs() * layer_index.view(1, L, *([1] * (plain[k].dim() - 2))) for k in kinds}
+            for l in range(1, L):
+                below = [n for n in node_sites + pattern_sites if int(n.split(".")[1]) < l]
+                resid_pre = clean_cache[f"blocks.{l - 1}.hook_resid_post"]  # the same tensor as resid_pre_l
+                dropped = torch.autograd.grad(resid_pre, [clean_cache[n] for n in below],
+                                              grad_outputs=grads[f"blocks.{l}.hook_resid_post"],
+                                              retain_graph=l < L - 1, allow_unused=True)
+                estimate = estimator(dict(zip(below, dropped)), layers=range(l))
+                for k in kinds:
+                    total[k][:, :l] += estimate[k][:, :l].abs()
+            return {k: v / (L - 1) for k, v in total.items()}
+
+
+def atp_star(model, clean, noise, metric, kinds=KINDS, positions="each"):
+    """AtP* = AtP + QK fix + GradDrop (paper §3-4). Per-pair scores >= 0, kind -> (B, L, T, U)."""
+    return attribution_patching(model, clean, noise, metric, kinds, qk_fix=True, grad_drop=True,
+                                positions=positions)
+
+
+class NodeEstimator:
+    """Turns gradients from one backward pass into per-node estimates, for the layers asked for.
+    Holds the clean and noise activations so each GradDrop pass reuses them."""
+
+    def __init__(self, model, clean_cache, noise_cache, kinds, qk_fix, positions):
+        self.model, self.kinds, self.qk_fix, self.positions = model, kinds, qk_fix, positions
+        self.clean, self.noise = clean_cache, noise_cache
+        # Estimates in float32 or better, even when the model runs in bf16/fp16 (pitfall 6).
+        self.dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+
+    def __call__(self, grads, layers):
+        B, T = next(iter(self.clean.values())).shape[:2]
+        L = self.model.config.n_layer
+        first = as_units(self.clean[site(self.kinds[0], 0)])
+        out = empty_scores(self.model, self.kinds, B, T, self.positions, self.dtype, first.device)
+        for k in self.kinds:
+            for l in layers:
+                if self.qk_fix and k in ("q", "k"):
+                    G = grads.get(f"blocks.{l}.attn.hook_pattern")
+                    est = self.qk_estimate(k, l, G)  # (B, T, H) or (B, H)
+                else:
+                    g = grads.get(site(k, l))
+                    if g is None:  # no path from this node to the metric
+                        continue
+                    c = as_units(self.clean[site(k, l)]).to(self.dtype)
+                    n = as_units(self.noise[site(k, l)]).to(self.dtype)
+                    # AtP (§2): I_hat(n) = (n(x_noise) - n(x_clean)) . dL/dn at the clean run
+                    est = ((n - c) * as_units(g).to(self.dtype)).sum(-1)  # (B, T, U)
+                    if self.positions == "all":
+                        est = est.sum(1)  # (B, U): linear in the node, so the group sums its members
+                out[k][:, l] = est
+        return out
+
+    def qk_estimate(self, kind, layer, G):
+        if G is None:
+            return 0.0
+        p = f"blocks.{layer}.attn."
+        get = lambda cache, s: cache[p + s].to(self.dtype)
+        q, k = get(self.clean, "hook_q"), get(self.clean, "hook_k")  # (B, T, H, Dh)
+        scores = get(self.clean, "hook_attn_scores")  # (B, H, T, S), -inf above the diagonal
+        G = G.to(self.dtype)  # (B, H, T, S): dL/dpattern
+        scale = self.model.transformer.h[layer].attn.scale
+        if kind == "q":
+            return query_fix(q, get(self.noise, "hook_q"), k, scores, G, scale, self.positions)
+        return key_fix(q, k, get(self.noise, "hook_k"), scores, G, scale, self.positions)
+
+
+# --- the QK fix (§3.2): recompute the attention softmax exactly, linearise only what comes after it
+
+def query_fix(q_clean, q_noise, k_clean, scores, G, scale, positions="each"):
+    """I_hat_Q(q_t) = sum_s (softmax_s(q_t(noise).k_s(clean) * scale + mask) - a_ts) * G_ts.
+    q, k: (B, T, H, Dh); scores, G: (B, H, T, S). Returns (B, T, H), or (B, H) for positions="all"
+    (every query row recomputed; rows do not interact inside the softmax, so this is their sum)."""
+    a = torch.softmax(scores, dim=-1)  # (B, H, T, S)
+    new_scores = (q_noise.transpose(1, 2) @ k_clean.permute(0, 2, 3, 1)) * scale  # (B, H, T, S)
+    new_scores = new_scores.masked_fill(torch.isinf(scores), float("-inf"))
+    per_row = ((torch.softmax(new_scores, dim=-1) - a) * G).sum(-1)  # (B, H, T)
+    return per_row.sum(-1) if positions == "all" else per_row.transpose(1, 2)
+
+
+def key_fix(q_clean, k_clean, k_noise, scores, G, scale, positions="each"):
+    """I_hat_K(k_s) = sum_{t >= s} sum_s' (a~(s)_ts' - a_ts') G_ts', where a~(s)_t is row t with only
+    logit s moved to q_t(clean).k_s(noise). Closed form, O(T^2) per head (paper-notes §3.3):
+        a~_ts - a_ts = sigmoid(logit(a_ts) + d_ts) - a_ts,   d_ts = q_t.(k_s(noise) - k_s(clean)) * scale
+        the rest of row t rescales by (1 - a~_ts)/(1 - a_ts), so
+        dI_t(k_s) = (a~_ts - a_ts) * (G_ts - G_bar_t,-s),  G_bar_t,-s = sum_{s'!=s} a_ts' G_ts' / (1 - a_ts)
+    Returns (B, S, H), or (B, H) for positions="all" (all keys patched at once: each row recomputed
+    exactly with every key moved, then summed over rows)."""
+    masked = torch.isinf(scores)  # (B, H, T, S): keys a query cannot see
+    if positions == "all":
+        new_scores = (q_clean.transpose(1, 2) @ k_noise.permute(0, 2, 3, 1)) * scale  # (B, H, T, S)
+        new_scores = new_scores.masked_fill(masked, float("-inf"))
+        diff = torch.softmax(new_scores, dim=-1) - torch.softmax(scores, dim=-1)
+        return (diff * G).sum((-1, -2))  # (B, H)
+    d = (q_clean.transpose(1, 2) @ (k_noise - k_clean).permute(0, 2, 3, 1)) * scale  # (B, H, T, S)
+    log_a = torch.log_softmax(scores, dim=-1)  # (B, H, T, S): from the scores, so no probability underflows
+    a = log_a.exp()
+    # logit(a) = log a - log(1 - a). Only the largest entry of a row can exceed 1/2; for it, log(1 - a)
+    # is the log-sum-exp of the OTHER scores, taken directly (no cancellation when a -> 1).
+    top = scores.argmax(-1, keepdim=True)  # (B, H, T, 1)
+    is_top = torch.zeros_like(masked).scatter_(-1, top, True)
+    others = scores.masked_fill(is_top, float("-inf"))  # the row without its top key
+    lse_others = torch.logsumexp(others, dim=-1, keepdim=True)  # (B, H, T, 1); -inf if one key is visible
+    only_key = torch.isinf(lse_others)  # row sees a single key: patching its logit changes nothing
+    logit_a = torch.where(is_top, scores - lse_others, log_a - torch.log1p(-a))
+    a_new = torch.sigmoid(logit_a + d)  # (B, H, T, S): the patched key's new probability
+    # Mean gradient of the other keys. For the top key, average G under softmax(others) directly.
+    aG = (a * G).sum(-1, keepdim=True)  # (B, H, T, 1)
+    G_bar = (aG - a * G) / (1 - a)  # valid where a <= 1/2
+    G_bar_top = (torch.softmax(others.masked_fill(only_key, 0.0), dim=-1) * G).sum(-1, keepdim=True)
+    G_bar = torch.where(is_top, G_bar_top, G_bar)
+    per_query = (a_new - a) * (G - G_bar)  # (B, H, T, S): dI_t(k_s)
+    per_query = per_query.masked_fill(masked | only_key, 0.0)  # t < s (causal) and one-key rows
+    return per_query.sum(2).transpose(1, 2)  # (B, S, H): sum over the queries t >= s that see key s
+
+
+# --------------------------------------------------------------------------------------------------
+# --- rankings
+
+def rank_nodes(scores, descending=True):
+    """scores: kind -> (L, T, U) or (L, U) (one value per node). Returns the node list sorted by score:
+    [(kind, layer, pos, unit) or (kind, layer, unit), ...] and the sorted scores."""
+    nodes, values = [], []
+    for k, s in scores.items():
+        idx = torch.nonzero(torch.ones_like(s, dtype=torch.bool))  # every node, in index order
+        nodes += [(k,) + tuple(i.tolist()) for i in idx]
+        values.append(s.reshape(-1))
+    values = torch.cat(values)
+    order = torch.sort(values, descending=descending, stable=True).indices
+    return [nodes[i] for i in order.tolist()], values[order]
+
+
+def node_label(node):
+    """('k', 2, 7, 3) -> 'k L2 H3 @7'; ('neuron', 1, 4, 99) -> 'neuron L1 N99 @4'."""
+    kind, layer, *rest = node
+    unit = rest[-1]
+    where = f" @{rest[0]}" if len(rest) == 2 else ""
+    return f"{kind} L{layer} {'N' if kind == 'neuron' else 'H'}{unit}{where}"
