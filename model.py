@@ -45,6 +45,10 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
     n_inner: Optional[int] = None  # MLP width; GPT-2 uses 4 * n_embd when this is None
 
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
     @property
     def d_head(self) -> int:
         return self.n_embd // self.n_head
@@ -93,9 +97,10 @@ def run_hook(name: str, x: torch.Tensor, hooks: Hooks) -> torch.Tensor:
     out = hooks[name](x)
     if out is None:  # a reading hook (caching, printing) leaves x untouched
         return x
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"hook for {name} must return None or a tensor of shape {tuple(x.shape)}, got {got}")
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"hook for {name} must return None or a tensor of shape {tuple(x.shape)} "
+                         f"and dtype {x.dtype}, got {got}")
     return out
 
 
@@ -228,13 +233,19 @@ class GPT(nn.Module):
         self.check_hooks(hooks)
         B, T = idx.shape
         tok = run_hook("hook_embed", self.transformer.wte(idx), hooks)  # (B, T, D)
-        pos = self.transformer.wpe(torch.arange(T, device=idx.device)).expand(B, T, -1)  # (B, T, D)
+        # A real (B, T, D) copy, not a stride-0 view, so a hook can patch one row in place safely.
+        pos = self.transformer.wpe(torch.arange(T, device=idx.device)).expand(B, T, -1).contiguous()
         pos = run_hook("hook_pos_embed", pos, hooks)
         return self.forward_from(0, tok + pos, hooks)
 
     def forward_from(self, layer: int, resid_pre: torch.Tensor, hooks: Hooks = None) -> torch.Tensor:
         """Run blocks layer..L-1 and the unembedding on a given residual stream (B, T, D) -> (B, T, V).
         Exhaustive patching uses this to resume from the cached clean stream at the patched layer."""
+        if not 0 <= layer <= self.config.n_layer:
+            raise ValueError(f"layer must be in [0, {self.config.n_layer}], got {layer}")
+        if resid_pre.dim() != 3 or resid_pre.shape[-1] != self.config.n_embd:
+            raise ValueError(f"resid_pre must be (B, T, {self.config.n_embd}), got {tuple(resid_pre.shape)}")
+        self.check_hooks(hooks)
         x = resid_pre
         for l in range(layer, self.config.n_layer):
             x = self.transformer.h[l](x, l, hooks)
