@@ -410,3 +410,162 @@ def node_label(node):
     unit = rest[-1]
     where = f" @{rest[0]}" if len(rest) == 2 else ""
     return f"{kind} L{layer} {'N' if kind == 'neuron' else 'H'}{unit}{where}"
+
+
+def node_masks(model, T, nodes, member):
+    """Sets of nodes as patch masks: member (S, N) bool says which of `nodes` are in set i.
+    Returns kind -> bool (S, L, T, U), or (S, L, U) when the nodes are whole-position (kind, layer, unit)."""
+    cfg = model.config
+    S = member.shape[0]
+    out = {}
+    for j, node in enumerate(nodes):
+        kind = node[0]
+        if kind not in KINDS:
+            raise ValueError(f"unknown node kind in {node}; choose from {KINDS}")
+        if kind not in out:
+            U = cfg.d_mlp if kind == "neuron" else cfg.n_head
+            shape = (S, cfg.n_layer) + ((T,) if len(node) == 4 else ()) + (U,)
+            out[kind] = torch.zeros(shape, dtype=torch.bool)
+        out[kind][(slice(None),) + tuple(node[1:])] = member[:, j]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# --- verify in ranked order, then bound what is left (§5, §8 "practical recipe")
+
+def verify(model, clean, noise, metric, ranking, budget, chunk_size=256, progress=None):
+    """Exact activation patching of the first `budget` nodes of `ranking` (a list of node tuples, e.g.
+    from rank_nodes). Returns (nodes, effects (budget, B)): the signed per-pair effects I(n);
+    c(n) = effects.mean(1). Verification removes false positives; it never finds what it is not shown."""
+    if budget < 0 or budget > len(ranking):
+        raise ValueError(f"budget must be between 0 and the number of ranked nodes ({len(ranking)}), got {budget}")
+    nodes = list(ranking[:budget])
+    if not nodes:
+        return nodes, torch.zeros(0, clean.shape[0])
+    masks = node_masks(model, clean.shape[1], nodes, torch.eye(len(nodes), dtype=torch.bool))
+    return nodes, patch_node_sets(model, clean, noise, metric, masks, chunk_size, progress)
+
+
+def subset_sampling(model, clean, noise, metric, nodes, p, n_samples, seed=0, chunk_size=256, progress=None):
+    """Algorithm 1 (§5.1): n_samples random subsets of `nodes`, each node included with probability p,
+    each subset patched jointly in one forward. Returns (member (n_samples, N) bool, y (n_samples,)),
+    y = mean over prompt pairs of metric(clean | do(subset <- noise)) - metric(clean)."""
+    if not 0 < p < 1:
+        raise ValueError(f"inclusion probability p must lie strictly between 0 and 1, got {p}")
+    generator = torch.Generator().manual_seed(seed)
+    member = torch.rand(n_samples, len(nodes), generator=generator) < p  # (S, N)
+    masks = node_masks(model, clean.shape[1], nodes, member)
+    y = patch_node_sets(model, clean, noise, metric, masks, chunk_size, progress).mean(1)  # (S,)
+    return member, y
+
+
+def subset_statistics(member, y):
+    """Per-node split of the samples into 'in the subset' (+) and 'not in it' (-) (§5.1).
+    member (S, N) bool, y (S,). Returns c_ss = mean+ - mean- (N,), its Welch standard error se (N,)
+    and Welch-Satterthwaite degrees of freedom df (N,). Needs every node in >= 2 and out of >= 2 samples."""
+    inc = member.double()  # (S, N)
+    exc = 1.0 - inc
+    y = y.double()[:, None]  # (S, 1)
+    n_in, n_out = inc.sum(0), exc.sum(0)  # (N,)
+    if n_in.min() < 2 or n_out.min() < 2:
+        raise ValueError(f"too few samples for a variance: some node was included {int(n_in.min())} times or "
+                         f"left out {int(n_out.min())} times (each needs >= 2); raise n_samples or move p toward 0.5")
+    mean_in, mean_out = (inc * y).sum(0) / n_in, (exc * y).sum(0) / n_out
+    var_in = (inc * (y - mean_in) ** 2).sum(0) / (n_in - 1)  # unbiased sample variances
+    var_out = (exc * (y - mean_out) ** 2).sum(0) / (n_out - 1)
+    v_in, v_out = var_in / n_in, var_out / n_out
+    se = (v_in + v_out).sqrt()
+    df = (v_in + v_out) ** 2 / (v_in ** 2 / (n_in - 1) + v_out ** 2 / (n_out - 1))
+    df = torch.where(se > 0, df, torch.full_like(df, math.inf))  # constant y: no uncertainty at all
+    return mean_in - mean_out, se, df
+
+
+def false_negative_bound(model, clean, noise, metric, ranking, K, p=0.1, n_samples=200, alpha=0.05,
+                         theta=None, seed=0, chunk_size=256, progress=None):
+    """The §5.2 diagnostic. Verify the top K nodes of `ranking` (which should list every node) exactly;
+    on the unverified rest R run subset sampling (inclusion probability p, n_samples joint patches)
+    and a one-sided Welch t-test per node against H0: |c(n)| >= theta. Returns a dict:
+      verified, verified_effects  the top K nodes and their exact c(n) (mean over prompt pairs)
+      theta_star                  level-(1-alpha) upper confidence bound on max_{n in R} |c(n)|
+                                  = max_n |c_ss(n)| + t_{1-alpha, df_n} * se_n
+      worst_node                  the unverified node that sets theta_star
+      p_value                     for the given theta: max_n P(T_df > (theta - |c_ss(n)|)/se_n)
+                                  (intersection-union test: no multiple-testing correction needed)
+      c_ss, se, df, unverified    per-node statistics on R, in the order of `unverified`
+    Assumes approximate additivity of node effects, as the paper does; interactions bias c_ss by O(p)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie strictly between 0 and 1, got {alpha}")
+    if K < 0 or K > len(ranking):
+        raise ValueError(f"K={K} must be between 0 and the number of ranked nodes ({len(ranking)})")
+    verified, effects = verify(model, clean, noise, metric, ranking, K, chunk_size, progress)
+    rest = list(ranking[K:])
+    result = dict(verified=verified, verified_effects=effects.mean(1), unverified=rest, theta=theta, alpha=alpha)
+    if not rest:  # everything verified: nothing can hide
+        return dict(result, theta_star=0.0, worst_node=None, p_value=0.0 if theta is not None else None,
+                    c_ss=torch.zeros(0), se=torch.zeros(0), df=torch.zeros(0))
+    member, y = subset_sampling(model, clean, noise, metric, rest, p, n_samples, seed, chunk_size, progress)
+    c_ss, se, df = subset_statistics(member, y)
+    upper = c_ss.abs() + torch.tensor([student_t_quantile(1 - alpha, d) for d in df.tolist()],
+                                      dtype=se.dtype) * se  # (|R|,)
+    worst = int(upper.argmax())
+    p_value = None
+    if theta is not None:
+        t = (theta - c_ss.abs()) / se  # large t: |c(n)| is clearly below theta
+        p_value = max(student_t_sf(ti, di) for ti, di in zip(t.tolist(), df.tolist()))
+    return dict(result, theta_star=float(upper[worst]), worst_node=rest[worst], p_value=p_value,
+                c_ss=c_ss, se=se, df=df)
+
+
+# --- Student's t distribution, self-contained (survival function via the regularized incomplete beta)
+
+def _betacf(a, b, x, iters=300, eps=1e-15):
+    """Continued fraction for the regularized incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, iters + 1):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def _betainc(a, b, x):
+    """Regularized incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def student_t_sf(t, df):
+    """P(T > t) for Student's t with df degrees of freedom (df = inf: the normal distribution)."""
+    if math.isinf(df):
+        return 0.5 * math.erfc(t / math.sqrt(2.0))
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
+    return tail if t >= 0 else 1.0 - tail
+
+
+def student_t_quantile(q, df):
+    """The t with P(T <= t) = q, by bisection on student_t_sf (accurate to ~1e-12)."""
+    lo, hi = -1e3, 1e3
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if 1.0 - student_t_sf(mid, df) < q:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12:
+            break
+    return 0.5 * (lo + hi)
