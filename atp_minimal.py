@@ -383,7 +383,9 @@ def key_fix(q_clean, k_clean, k_noise, scores, G, scale, positions="each"):
     G_bar = (aG - a * G) / (1 - a)  # valid where a <= 1/2
     G_bar_top = (torch.softmax(others.masked_fill(only_key, 0.0), dim=-1) * G).sum(-1, keepdim=True)
     G_bar = torch.where(is_top, G_bar_top, G_bar)
-    per_query = (a_new - a) * (G - G_bar)  # (B, H, T, S): dI_t(k_s)
+    # d = 0 means the patch leaves logit s where it was: the change is exactly 0 (sigmoid(logit(a)) is
+    # only a to rounding, and a node the noise prompt does not move must score exactly 0).
+    per_query = torch.where(d == 0, 0.0, a_new - a) * (G - G_bar)  # (B, H, T, S): dI_t(k_s)
     per_query = per_query.masked_fill(masked | only_key, 0.0)  # t < s (causal) and one-key rows
     return per_query.sum(2).transpose(1, 2)  # (B, S, H): sum over the queries t >= s that see key s
 
@@ -505,15 +507,36 @@ def false_negative_bound(model, clean, noise, metric, ranking, K, p=0.1, n_sampl
                     c_ss=torch.zeros(0), se=torch.zeros(0), df=torch.zeros(0))
     member, y = subset_sampling(model, clean, noise, metric, rest, p, n_samples, seed, chunk_size, progress)
     c_ss, se, df = subset_statistics(member, y)
-    upper = c_ss.abs() + torch.tensor([student_t_quantile(1 - alpha, d) for d in df.tolist()],
-                                      dtype=se.dtype) * se  # (|R|,)
-    worst = int(upper.argmax())
+    theta_star, worst, p_value = welch_bound(c_ss, se, df, alpha, theta)
+    return dict(result, theta_star=theta_star, worst_node=rest[worst], p_value=p_value, c_ss=c_ss, se=se, df=df)
+
+
+def welch_bound(c_ss, se, df, alpha=0.05, theta=None):
+    """From per-node (c_ss, se, df): theta* = max_n |c_ss(n)| + t_{1-alpha, df_n} se_n, the index of the
+    node that sets it, and (if theta is given) the p-value of H0 "some node has |c(n)| >= theta":
+    max_n P(T_df > (theta - |c_ss(n)|) / se_n), the least favourable null being c(n) = theta sign(c_ss(n))."""
+    # The t quantile falls as df grows, between the normal's (df = inf) and the one at the smallest df.
+    # Bracket every node's bound with those two, then compute the exact t quantile only for the nodes
+    # whose bracket reaches the best lower bound (usually a handful out of thousands).
+    q_low, q_high = student_t_quantile(1 - alpha, math.inf), student_t_quantile(1 - alpha, df.min().item())
+    low, high = c_ss.abs() + q_low * se, c_ss.abs() + q_high * se  # (N,)
+    candidates = (high >= low.max()).nonzero()[:, 0].tolist()
+    upper = {i: abs(c_ss[i].item()) + student_t_quantile(1 - alpha, df[i].item()) * se[i].item() for i in candidates}
+    worst = max(upper, key=upper.get)
     p_value = None
     if theta is not None:
+        # Same bracketing for P(T_df > t): for t >= 0 the tail grows as df falls, for t < 0 it shrinks.
         t = (theta - c_ss.abs()) / se  # large t: |c(n)| is clearly below theta
-        p_value = max(student_t_sf(ti, di) for ti, di in zip(t.tolist(), df.tolist()))
-    return dict(result, theta_star=float(upper[worst]), worst_node=rest[worst], p_value=p_value,
-                c_ss=c_ss, se=se, df=df)
+        normal = 0.5 * torch.erfc(t / math.sqrt(2.0))
+        heavy = torch.tensor([student_t_sf(ti, df.min().item()) for ti in t.tolist()], dtype=t.dtype)
+        low_p, high_p = torch.minimum(normal, heavy), torch.maximum(normal, heavy)
+        # se = 0 (y never moved with the node): |c_ss| is exact, so H0 stands (p = 1) iff |c_ss| >= theta.
+        exact_se0 = (c_ss.abs() >= theta).to(t.dtype)
+        low_p, high_p = torch.where(se > 0, low_p, exact_se0), torch.where(se > 0, high_p, exact_se0)
+        candidates = (high_p >= low_p.max()).nonzero()[:, 0].tolist()
+        p_value = max(student_t_sf(t[i].item(), df[i].item()) if se[i] > 0 else exact_se0[i].item()
+                      for i in candidates)
+    return upper[worst], worst, p_value
 
 
 # --- Student's t distribution, self-contained (survival function via the regularized incomplete beta)
