@@ -704,11 +704,13 @@ def main(argv=None):
     kinds = ("q", "k", "v", "z")
     ranking, _ = rank_nodes({k: scores["AtP*"][k] for k in kinds})
     start = time.perf_counter()
-    bound = false_negative_bound(model, clean, noise, metric, ranking, K=args.verify, seed=args.seed)
+    p, n_samples = 0.1, 200
+    bound = false_negative_bound(model, clean, noise, metric, ranking, K=args.verify, p=p, n_samples=n_samples,
+                                 seed=args.seed)
     elapsed = time.perf_counter() - start
     true_max = max(abs(truth[n[0]][n[1:]].item()) for n in bound["unverified"])
     print(f"\n== verify-then-bound on attention nodes: verified the AtP* top {args.verify}, then "
-          f"{200} random joint patches (p = 0.1) of the other {len(bound['unverified'])} ({elapsed:.1f}s) ==")
+          f"{n_samples} random joint patches (p = {p}) of the other {len(bound['unverified'])} ({elapsed:.1f}s) ==")
     print(f"largest verified |c(n)|: {bound['verified_effects'].abs().max():.3f}")
     print(f"theta* (95% upper bound on any unverified |c(n)|): {bound['theta_star']:.3f} "
           f"(set by {node_label(bound['worst_node'])}); true largest unverified |c(n)|: {true_max:.3f}")
