@@ -452,13 +452,17 @@ def subset_sampling(model, clean, noise, metric, nodes, p, n_samples, seed=0, ch
     """Algorithm 1 (§5.1): n_samples random subsets of `nodes`, each node included with probability p,
     each subset patched jointly in one forward. Returns (member (n_samples, N) bool, y (n_samples,)),
     y = mean over prompt pairs of metric(clean | do(subset <- noise)) - metric(clean)."""
-    if not 0 < p < 1:
-        raise ValueError(f"inclusion probability p must lie strictly between 0 and 1, got {p}")
-    generator = torch.Generator().manual_seed(seed)
-    member = torch.rand(n_samples, len(nodes), generator=generator) < p  # (S, N)
+    member = draw_subsets(n_samples, len(nodes), p, seed)  # (S, N)
     masks = node_masks(model, clean.shape[1], nodes, member)
     y = patch_node_sets(model, clean, noise, metric, masks, chunk_size, progress).mean(1)  # (S,)
     return member, y
+
+
+def draw_subsets(n_samples, n_nodes, p, seed=0):
+    """The random subsets of Algorithm 1: member (n_samples, n_nodes) bool, each entry True w.p. p (seeded)."""
+    if not 0 < p < 1:
+        raise ValueError(f"inclusion probability p must lie strictly between 0 and 1, got {p}")
+    return torch.rand(n_samples, n_nodes, generator=torch.Generator().manual_seed(seed)) < p
 
 
 def subset_statistics(member, y):
