@@ -128,51 +128,74 @@ def activation_patching(model, clean, noise, metric, kinds=KINDS, positions="eac
     Returns kind -> (B, L, T, U) (or (B, L, U) with positions="all"). c(n) = effects[k].mean(0).
 
     One patched copy of all B pairs per node; many nodes share one forward of at most `chunk_size` rows,
-    resumed from the cached clean residual stream at the patched layer (layers below are unchanged)."""
+    which only recomputes what the patch can change (see resume_patched)."""
     check_inputs(model, clean, noise, kinds, positions)
     B, T = clean.shape
-    L = model.config.n_layer
-    sites = [site(k, l) for k in kinds for l in range(L)]
-    resids = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     with eval_mode(model), torch.no_grad():
-        _, noise_cache = run_with_cache(model, noise, sites)
-        clean_logits, clean_cache = run_with_cache(model, clean, sites + resids)
-        base = check_metric(metric(clean_logits), B, "the clean run")
+        clean_logits, clean_cache, noise_cache, base = clean_and_noise_runs(model, clean, noise, metric, kinds)
         effects = empty_scores(model, kinds, B, T, positions, base.dtype, base.device)
-        jobs = []  # (kind, layer, node indices): one node = (position, unit) or (unit,)
+        per_chunk = max(1, chunk_size // B)
+        jobs = []  # (kind, layer, position or None, units): nodes that share a layer and a position
         for k in kinds:
-            for l in range(L):
-                delta = as_units(noise_cache[site(k, l)]) - as_units(clean_cache[site(k, l)])  # (B, T, U, E)
-                changed = (delta != 0).any(-1).any(0)  # (T, U): does any pair move this node?
-                if positions == "all":
-                    changed = changed.any(0)  # (U,)
+            for l in range(model.config.n_layer):
                 # A node whose noise value equals its clean value in every pair has I(n) = 0 exactly.
-                nodes = changed.nonzero()  # (N, 2) [pos, unit] or (N, 1) [unit]
-                per_chunk = max(1, chunk_size // B)
-                jobs += [(k, l, nodes[i:i + per_chunk]) for i in range(0, len(nodes), per_chunk)]
-        for k, l, nodes in _progress(jobs, progress, "activation patching"):
-            n = len(nodes)
-            clean_act, noise_act = as_units(clean_cache[site(k, l)]), as_units(noise_cache[site(k, l)])
+                changed = moved(clean_cache, noise_cache, k, l)  # (T, U)
+                for pos in (range(T) if positions == "each" else [None]):
+                    units = (changed[pos] if pos is not None else changed.any(0)).nonzero()[:, 0]  # (N,)
+                    jobs += [(k, l, pos, units[i:i + per_chunk]) for i in range(0, len(units), per_chunk)]
+        for k, l, pos, units in _progress(jobs, progress, "activation patching"):
+            n, start = len(units), pos or 0
+            noise_act = as_units(noise_cache[site(k, l)])[:, start:]  # (B, T', U, E), T' = T - start
             row = torch.arange(n, device=clean.device)
 
-            def patch(t):  # t: (n*B, T, M) or (n*B, T, H, Dh); node i is patched in rows i*B..i*B+B-1
-                shape = t.shape
-                t = as_units(t).clone().view((n, B) + clean_act.shape[1:])  # (n, B, T, U, E)
-                if positions == "each":
-                    pos, unit = nodes[:, 0], nodes[:, 1]
-                    t[row, :, pos, unit] = noise_act[:, pos, unit].transpose(0, 1)  # (n, B, E)
-                else:
-                    unit = nodes[:, 0]
-                    t[row, :, :, unit] = noise_act[:, :, unit].permute(2, 0, 1, 3)  # (n, B, T, E)
-                return t.view(shape)
+            def patch(t):  # t: (n*B, T', M) or (n*B, T', H, Dh); node i is patched in rows i*B..i*B+B-1
+                patched = as_units(t).clone().view((n, B) + noise_act.shape[1:])  # (n, B, T', U, E)
+                if pos is not None:  # the node sits at `pos`, the first position of the resumed run
+                    patched[row, :, 0, units] = noise_act[:, 0, units].transpose(0, 1)  # (n, B, E)
+                else:  # the unit at every position
+                    patched[row, :, :, units] = noise_act[:, :, units].permute(2, 0, 1, 3)  # (n, B, T, E)
+                return patched.view(t.shape)
 
-            resid = clean_cache[f"blocks.{l}.hook_resid_pre"].repeat(n, 1, 1)  # (n*B, T, D)
-            logits = model.forward_from(l, resid, hooks={site(k, l): patch})  # (n*B, T, V)
+            logits = resume_patched(model, clean_cache, clean_logits, l, start, n, {site(k, l): patch})
             for i in range(n):
                 value = check_metric(metric(logits[i * B:(i + 1) * B]), B, f"a patched run ({k}, layer {l})")
-                index = (slice(None), l) + tuple(nodes[i].tolist())
+                index = (slice(None), l) + ((pos,) if pos is not None else ()) + (int(units[i]),)
                 effects[k][index] = value - base
     return effects
+
+
+def clean_and_noise_runs(model, clean, noise, metric, kinds):
+    """The two cached runs every patching sweep starts from: node sites (both runs), and on the clean run
+    also every layer's residual stream, keys and values (to resume from) and the clean metric (B,)."""
+    L = model.config.n_layer
+    sites = [site(k, l) for k in kinds for l in range(L)]
+    resume = [f"blocks.{l}.{name}" for l in range(L) for name in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")]
+    _, noise_cache = run_with_cache(model, noise, sites)
+    clean_logits, clean_cache = run_with_cache(model, clean, sites + resume)
+    base = check_metric(metric(clean_logits), clean.shape[0], "the clean run")
+    return clean_logits, clean_cache, noise_cache, base
+
+
+def moved(clean_cache, noise_cache, kind, layer):
+    """(T, U) bool: does the noise prompt change this node in any prompt pair?"""
+    delta = as_units(noise_cache[site(kind, layer)]) - as_units(clean_cache[site(kind, layer)])  # (B, T, U, E)
+    return (delta != 0).any(-1).any(0)
+
+
+def resume_patched(model, clean_cache, clean_logits, layer, start, n, hooks):
+    """Logits (n*B, T, V) of n patched copies of the B clean prompts, when every patch sits at a layer
+    >= `layer` and a position >= `start`. Nothing before that can change, so run only layers layer..L-1
+    on positions start..T-1: from the cached clean residual stream, with the cached clean keys and values
+    of the earlier positions (attention is causal); earlier positions keep their clean logits.
+    The hooks see tensors of positions start..T-1 only."""
+    repeat = lambda t: t.repeat((n,) + (1,) * (t.dim() - 1))  # (B, ...) -> (n*B, ...), copy i = rows i*B..
+    resid = repeat(clean_cache[f"blocks.{layer}.hook_resid_pre"][:, start:])  # (n*B, T - start, D)
+    past = None
+    if start > 0:
+        past = [(repeat(clean_cache[f"blocks.{l}.attn.hook_k"][:, :start]),  # (n*B, start, H, Dh)
+                 repeat(clean_cache[f"blocks.{l}.attn.hook_v"][:, :start])) for l in range(layer, model.config.n_layer)]
+    suffix = model.forward_from(layer, resid, hooks, past)  # (n*B, T - start, V)
+    return torch.cat([repeat(clean_logits[:, :start]), suffix], dim=1)  # (n*B, T, V)
 
 
 def patch_node_sets(model, clean, noise, metric, masks, chunk_size=256, progress=None):
@@ -184,39 +207,35 @@ def patch_node_sets(model, clean, noise, metric, masks, chunk_size=256, progress
     B, T = clean.shape
     L = model.config.n_layer
     S = next(iter(masks.values())).shape[0]
-    sites = [site(k, l) for k in kinds for l in range(L)]
-    resids = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     with eval_mode(model), torch.no_grad():
-        _, noise_cache = run_with_cache(model, noise, sites)
-        clean_logits, clean_cache = run_with_cache(model, clean, sites + resids)
-        base = check_metric(metric(clean_logits), B, "the clean run")
+        clean_logits, clean_cache, noise_cache, base = clean_and_noise_runs(model, clean, noise, metric, kinds)
         out = torch.zeros(S, B, dtype=base.dtype, device=base.device)
         per_chunk = max(1, chunk_size // B)
-        chunks = list(range(0, S, per_chunk))
-        for start in _progress(chunks, progress, "patching node sets"):
-            m = {k: v[start:start + per_chunk].to(clean.device) for k, v in masks.items()}
-            n = next(iter(m.values())).shape[0]
-            touched = [l for l in range(L) if any(m[k][:, l].any() for k in kinds)]
-            if not touched:
-                continue  # empty sets: effect 0
+        for first in _progress(list(range(0, S, per_chunk)), progress, "patching node sets"):
+            mask = {}  # (kind, layer) -> (n, T, U): which nodes each set patches; unmoved nodes are no-ops
+            for k, m in masks.items():
+                for l in range(L):
+                    m_l = m[first:first + per_chunk, l].to(clean.device)  # (n, T, U) or (n, U)
+                    if m_l.dim() == 2:  # a unit at every position
+                        m_l = m_l[:, None, :].expand(m_l.shape[0], T, m_l.shape[-1])
+                    m_l = m_l & moved(clean_cache, noise_cache, k, l)
+                    if m_l.any():
+                        mask[k, l] = m_l
+            if not mask:
+                continue  # nothing moves: effect exactly 0
+            n = min(per_chunk, S - first)
+            layer = min(l for _, l in mask)
+            start = min(int(m_l.any(0).any(-1).nonzero()[0]) for m_l in mask.values())
             hooks = {}
-            for k in kinds:
-                for l in touched:
-                    mask = m[k][:, l]  # (n, T, U) or (n, U)
-                    if mask.dim() == 2:
-                        mask = mask[:, None, :].expand(n, T, mask.shape[-1])  # a unit at every position
-                    mask = mask[:, None, :, :, None]  # (n, 1, T, U, 1)
-
-                    def patch(t, mask=mask, nz=as_units(noise_cache[site(k, l)])):
-                        units = as_units(t).view((n, B) + nz.shape[1:])  # (n, B, T, U, E)
-                        return torch.where(mask, nz, units).reshape(t.shape)
-                    hooks[site(k, l)] = patch
-            first = touched[0]
-            resid = clean_cache[f"blocks.{first}.hook_resid_pre"].repeat(n, 1, 1)  # (n*B, T, D)
-            logits = model.forward_from(first, resid, hooks=hooks)
+            for (k, l), m_l in mask.items():
+                def patch(t, m_l=m_l[:, None, start:, :, None], nz=as_units(noise_cache[site(k, l)])[:, start:]):
+                    units = as_units(t).view((n, B) + nz.shape[1:])  # (n, B, T', U, E)
+                    return torch.where(m_l, nz, units).reshape(t.shape)  # m_l: (n, 1, T', U, 1)
+                hooks[site(k, l)] = patch
+            logits = resume_patched(model, clean_cache, clean_logits, layer, start, n, hooks)
             for i in range(n):
                 value = check_metric(metric(logits[i * B:(i + 1) * B]), B, "a jointly patched run")
-                out[start + i] = value - base
+                out[first + i] = value - base
     return out
 
 
@@ -298,7 +317,9 @@ class NodeEstimator:
 
     def __init__(self, model, clean_cache, noise_cache, kinds, qk_fix, positions):
         self.model, self.kinds, self.qk_fix, self.positions = model, kinds, qk_fix, positions
-        self.clean, self.noise = clean_cache, noise_cache
+        # Detached copies: the estimates are plain numbers, and must not keep the forward graph alive.
+        self.clean = {name: t.detach() for name, t in clean_cache.items()}
+        self.noise = {name: t.detach() for name, t in noise_cache.items()}
         # Estimates in float32 or better, even when the model runs in bf16/fp16 (pitfall 6).
         self.dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
 

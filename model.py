@@ -135,17 +135,21 @@ class Attention(nn.Module):
         self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v for all heads in one product
         self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd)  # W_O
 
-    def forward(self, x, prefix: str, hooks: Hooks):
+    def forward(self, x, prefix: str, hooks: Hooks, past_kv=None):
         B, T, D = x.shape
         H, Dh = self.n_head, self.d_head
         q, k, v = self.c_attn(x).split(D, dim=2)  # each (B, T, D)
         q = run_hook(prefix + "hook_q", q.view(B, T, H, Dh), hooks)  # (B, T, H, Dh)
         k = run_hook(prefix + "hook_k", k.view(B, T, H, Dh), hooks)  # (B, S, H, Dh)
         v = run_hook(prefix + "hook_v", v.view(B, T, H, Dh), hooks)  # (B, S, H, Dh)
+        if past_kv is not None:  # keys and values of P earlier positions, reused: x holds positions P..
+            k = torch.cat([past_kv[0], k], dim=1)  # (B, S, H, Dh), S = P + T
+            v = torch.cat([past_kv[1], v], dim=1)
         # Manual attention, never a fused kernel: AtP* needs the scores and the pattern as tensors
         # (the QK fix recomputes this softmax exactly and needs dL/dpattern).
         scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * self.scale  # (B, H, T, S)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, S): key s <= query t
+        S = k.shape[1]
+        causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S): key s <= query t
         scores = scores.masked_fill(~causal, float("-inf"))
         scores = run_hook(prefix + "hook_attn_scores", scores, hooks)  # (B, H, T, S)
         pattern = run_hook(prefix + "hook_pattern", F.softmax(scores, dim=-1), hooks)  # (B, H, T, S)
@@ -174,11 +178,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, layer: int, hooks: Hooks):
+    def forward(self, x, layer: int, hooks: Hooks, past_kv=None):
         # GPT-2 blocks are sequential: the MLP reads the residual stream after attention has written.
         p = f"blocks.{layer}."
         x = run_hook(p + "hook_resid_pre", x, hooks)  # (B, T, D)
-        attn_out = run_hook(p + "hook_attn_out", self.attn(self.ln_1(x), p + "attn.", hooks), hooks)
+        attn_out = run_hook(p + "hook_attn_out", self.attn(self.ln_1(x), p + "attn.", hooks, past_kv), hooks)
         x = run_hook(p + "hook_resid_mid", x + attn_out, hooks)  # (B, T, D)
         mlp_out = run_hook(p + "hook_mlp_out", self.mlp(self.ln_2(x), p + "mlp.", hooks), hooks)
         return run_hook(p + "hook_resid_post", x + mlp_out, hooks)  # (B, T, D)
@@ -238,17 +242,22 @@ class GPT(nn.Module):
         pos = run_hook("hook_pos_embed", pos, hooks)
         return self.forward_from(0, tok + pos, hooks)
 
-    def forward_from(self, layer: int, resid_pre: torch.Tensor, hooks: Hooks = None) -> torch.Tensor:
+    def forward_from(self, layer: int, resid_pre: torch.Tensor, hooks: Hooks = None, past_kv=None) -> torch.Tensor:
         """Run blocks layer..L-1 and the unembedding on a given residual stream (B, T, D) -> (B, T, V).
-        Exhaustive patching uses this to resume from the cached clean stream at the patched layer."""
+        Exhaustive patching uses this to resume from the cached clean stream at the patched layer.
+        past_kv: optional [(k, v) each (B, P, H, Dh)] for layers layer..L-1, the keys and values of P
+        earlier positions; resid_pre then holds positions P..P+T-1 only, and so do the logits. Attention
+        is causal, so a patch at position >= P leaves everything before P as it was: reuse it."""
         if not 0 <= layer <= self.config.n_layer:
             raise ValueError(f"layer must be in [0, {self.config.n_layer}], got {layer}")
         if resid_pre.dim() != 3 or resid_pre.shape[-1] != self.config.n_embd:
             raise ValueError(f"resid_pre must be (B, T, {self.config.n_embd}), got {tuple(resid_pre.shape)}")
         self.check_hooks(hooks)
+        if past_kv is not None and len(past_kv) != self.config.n_layer - layer:
+            raise ValueError(f"past_kv needs one (k, v) pair per layer from {layer} on, got {len(past_kv)}")
         x = resid_pre
         for l in range(layer, self.config.n_layer):
-            x = self.transformer.h[l](x, l, hooks)
+            x = self.transformer.h[l](x, l, hooks, None if past_kv is None else past_kv[l - layer])
         x = run_hook("ln_final.hook_normalized", self.transformer.ln_f(x), hooks)  # (B, T, D)
         # Tied unembedding: GPT-2 reuses the token embedding matrix, so logits = x @ wte^T.
         return x @ self.transformer.wte.weight.T  # (B, T, V)

@@ -829,3 +829,19 @@ def test_a_model_in_training_mode_gives_eval_numbers_and_keeps_its_mode():
         print(f"  {name:22s}: train-mode vs eval-mode max diff {diff:.1e}; mode restored")
         assert diff == 0
     model.eval()
+
+
+def test_scores_carry_no_autograd_graph():
+    # Estimates are plain numbers: a graph attached to them would keep every saved forward tensor alive.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, n_positions=8, vocab_size=20))
+    clean = torch.randint(0, 20, (2, 6))
+    noise = clean.clone()
+    noise[:, 3] = (noise[:, 3] + 1) % 20
+    for qk_fix in (False, True):
+        for grad_drop in (False, True):
+            scores = atp.attribution_patching(model, clean, noise, atp.logit_diff(1, 2), qk_fix=qk_fix,
+                                              grad_drop=grad_drop)
+            attached = [k for k, v in scores.items() if v.requires_grad or v.grad_fn is not None]
+            print(f"qk_fix={qk_fix} grad_drop={grad_drop}: kinds with a graph attached: {attached}")
+            assert not attached
