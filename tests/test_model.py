@@ -474,3 +474,25 @@ def test_model_runs_in_float64_and_bfloat16(small):
     assert torch.isfinite(out16).all()
     # bfloat16 keeps 8 significant bits (~0.4% per rounding); allow 5% of the logit scale after 2 layers.
     assert d16 <= 0.05 * scale
+
+
+# --- resuming a run: forward_from with cached clean keys and values
+
+
+@pytest.mark.parametrize("layer,start", [(0, 0), (1, 0), (0, 5), (1, 9)])
+def test_forward_from_a_cached_prefix_equals_the_full_forward(small, layer, start):
+    _, _, model = small
+    model = copy.deepcopy(model).double()
+    idx = tokens(model.config.vocab_size)
+    with torch.no_grad():
+        full, cache = cache_all(model, idx)
+        past = [(cache[f"blocks.{l}.attn.hook_k"][:, :start], cache[f"blocks.{l}.attn.hook_v"][:, :start])
+                for l in range(layer, model.config.n_layer)] if start else None
+        resumed = model.forward_from(layer, cache[f"blocks.{layer}.hook_resid_pre"][:, start:], past_kv=past)
+    d = max_diff(resumed, full[:, start:])
+    print(f"forward_from(layer={layer}) on positions {start}.. vs full forward: max abs diff {d:.1e}")
+    assert resumed.shape == full[:, start:].shape and d <= 1e-12
+    with pytest.raises(ValueError, match="layer"):
+        model.forward_from(-1, cache["blocks.0.hook_resid_pre"])
+    with pytest.raises(ValueError, match="past_kv"):
+        model.forward_from(0, cache["blocks.0.hook_resid_pre"][:, 2:], past_kv=[])
