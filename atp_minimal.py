@@ -41,6 +41,7 @@ def logit_diff(answer, wrong, position=-1):
     answer/wrong: a token id or one id per prompt pair."""
     def metric(logits):
         last = logits[:, position, :]  # (B, V)
+        last = last.to(torch.promote_types(last.dtype, torch.float32))  # float32 or better under bf16/fp16
         a = torch.as_tensor(answer, device=logits.device).expand(last.shape[0])
         w = torch.as_tensor(wrong, device=logits.device).expand(last.shape[0])
         return last.gather(1, a[:, None])[:, 0] - last.gather(1, w[:, None])[:, 0]  # (B,)
@@ -50,7 +51,8 @@ def logit_diff(answer, wrong, position=-1):
 def neg_log_prob(target, position=-1):
     """metric(logits (B, T, V)) -> (B,): -log p(target) at `position`."""
     def metric(logits):
-        logp = torch.log_softmax(logits[:, position, :], dim=-1)  # (B, V)
+        last = logits[:, position, :]
+        logp = torch.log_softmax(last.to(torch.promote_types(last.dtype, torch.float32)), dim=-1)  # (B, V)
         t = torch.as_tensor(target, device=logits.device).expand(logp.shape[0])
         return -logp.gather(1, t[:, None])[:, 0]  # (B,)
     return metric
@@ -663,8 +665,12 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=4, help="number of clean/noise prompt pairs")
     parser.add_argument("--top", type=int, default=10, help="K for top-K recall and the side-by-side table")
     parser.add_argument("--verify", type=int, default=20, help="nodes verified before the bound")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the "
+                        "toy model, whose matrices are too small to gain from more; torch's default otherwise)")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.threads or args.model is None:
+        torch.set_num_threads(args.threads or 1)
     if args.model is None:
         import toy_ioi
         model = toy_ioi.load_toy_model()
