@@ -1,0 +1,248 @@
+"""tutorial.md cannot rot: its code runs and its printed output is what the page shows.
+
+  - every ```python block of tutorial.md runs, in order, in one namespace, from the repository root;
+  - a ```text block right after a python block is that block's printed output: the test reruns the block
+    and compares, with a tolerance on numbers (see `same_output`), so quoted numbers stay current;
+  - the table of activation sites lists exactly model.site_names() (for a 1-layer model), with the
+    shapes that model.py really produces;
+  - every figure the page shows exists and is small; every test the page names exists.
+
+    pytest -s tests/test_tutorial.py        # also prints each block's run time
+    python tests/test_tutorial.py --update  # rerun the blocks and rewrite the text blocks in tutorial.md
+                                            # (then reread the prose around any number that moved)
+"""
+
+import contextlib
+import io
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TUTORIAL = os.path.join(ROOT, "tutorial.md")
+sys.path.insert(0, ROOT)
+from model import GPT, GPTConfig  # noqa: E402
+
+REL_TOL = 1e-2  # printed numbers may move by 1% (plus 1.5 units of their last printed digit) ...
+TINY = 1e-8  # ... and any two numbers below 1e-8 in size count as equal (rounding-level residuals)
+MAX_FIGURE_BYTES = 150_000
+
+
+# --- reading tutorial.md
+
+def fenced_blocks(text):
+    """[(language, code, first line number of the code (1-based), number of code lines)] for every
+    ``` fenced block."""
+    blocks, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        m = re.match(r"^```(\w*)\s*$", lines[i])
+        if m:
+            start = i + 1
+            end = start
+            while end < len(lines) and lines[end].rstrip() != "```":
+                end += 1
+            if end == len(lines):
+                raise ValueError(f"tutorial.md line {i + 1}: fence never closed")
+            blocks.append((m.group(1), "\n".join(lines[start:end]), start + 1, end - start))
+            i = end + 1
+        else:
+            i += 1
+    return blocks
+
+
+def python_blocks_with_output(text):
+    """[(code, line, expected output or None)]: a ```text block directly after a ```python block (only
+    prose between them) is the python block's output. A text block anywhere else is an error."""
+    blocks = fenced_blocks(text)
+    out = []
+    for j, (lang, code, line, _) in enumerate(blocks):
+        if lang == "python":
+            follows = blocks[j + 1] if j + 1 < len(blocks) else None
+            expected = follows[1] if follows and follows[0] == "text" else None
+            out.append((code, line, expected))
+        elif lang == "text" and (j == 0 or blocks[j - 1][0] != "python"):
+            raise ValueError(f"tutorial.md line {line}: a ```text block must follow a ```python block")
+    return out
+
+
+# --- running the blocks
+
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def same_output(got, want):
+    """None if `got` matches `want`, else a message. Text between numbers must match exactly (trailing
+    spaces aside); numbers must agree to REL_TOL relative plus 1.5 units of want's last printed digit."""
+    got_lines, want_lines = got.rstrip("\n").splitlines(), want.rstrip("\n").splitlines()
+    if len(got_lines) != len(want_lines):
+        return f"{len(got_lines)} lines printed, the text block has {len(want_lines)}"
+    for n, (g, w) in enumerate(zip(got_lines, want_lines), 1):
+        g, w = g.rstrip(), w.rstrip()
+        if NUMBER.sub("#", g) != NUMBER.sub("#", w):
+            return f"line {n} differs:\n  printed: {g}\n  page:    {w}"
+        for a, b in zip(NUMBER.findall(g), NUMBER.findall(w)):
+            x, y = float(a), float(b)
+            mantissa = re.split(r"[eE]", b)[0]
+            decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+            exponent = int(re.split(r"[eE]", b)[1]) if re.search(r"[eE]", b) else 0
+            unit = 10.0 ** (exponent - decimals)
+            if abs(x) < TINY and abs(y) < TINY:
+                continue
+            if not abs(x - y) <= REL_TOL * max(abs(x), abs(y)) + 1.5 * unit:
+                return f"line {n}: {a} printed, {b} on the page:\n  printed: {g}\n  page:    {w}"
+    return None
+
+
+def run_blocks(text, echo=False):
+    """Run every python block in order in one namespace; returns [(line, expected, printed, seconds)]."""
+    namespace = {"__name__": "__tutorial__"}
+    results = []
+    cwd, path, threads, rng = os.getcwd(), list(sys.path), torch.get_num_threads(), torch.get_rng_state()
+    os.chdir(ROOT)
+    try:
+        for code, line, expected in python_blocks_with_output(text):
+            # padded with blank lines, so a traceback names the line of tutorial.md
+            compiled = compile("\n" * (line - 1) + code, TUTORIAL, "exec")
+            buffer = io.StringIO()
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(buffer):
+                exec(compiled, namespace)
+            seconds = time.perf_counter() - start
+            results.append((line, expected, buffer.getvalue(), seconds))
+            if echo:
+                print(f"  block at tutorial.md:{line}: {seconds:5.1f} s")
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = path
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+    return results
+
+
+def read_tutorial():
+    with open(TUTORIAL) as f:
+        return f.read()
+
+
+# --- the tests
+
+def test_every_python_block_runs_and_prints_what_the_page_shows():
+    start = time.perf_counter()
+    results = run_blocks(read_tutorial(), echo=True)
+    print(f"  {len(results)} blocks in {time.perf_counter() - start:.1f} s")
+    problems = []
+    for line, expected, printed, _ in results:
+        if expected is None:
+            if printed.strip():
+                problems.append(f"block at line {line} prints output but no ```text block follows it")
+            continue
+        message = same_output(printed, expected)
+        if message:
+            problems.append(f"block at line {line}: {message}")
+    assert not problems, ("tutorial.md is out of date (rerun `python tests/test_tutorial.py --update`, then "
+                          "reread the prose near the changed numbers):\n" + "\n".join(problems))
+
+
+def site_table(text):
+    """The rows of the table whose header starts with '| site |': [(site, shape)], backticks removed."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("| site |"):
+            inside = True
+            continue
+        if inside:
+            if not line.startswith("|"):
+                break
+            cells = [c.strip().strip("`") for c in line.strip("|").split("|")]
+            if set(cells[0]) <= set("-: "):
+                continue  # the |---|---| row
+            rows.append((cells[0], cells[1]))
+    return rows
+
+
+def test_site_table_lists_every_site_of_model_py_with_its_shape():
+    rows = site_table(read_tutorial())
+    assert rows, "tutorial.md has no table starting with '| site |'"
+    # distinct sizes, so a wrong letter in a shape cannot match by accident (only S = T is forced)
+    cfg = GPTConfig(n_layer=1, n_head=3, n_embd=12, n_positions=8, vocab_size=11, n_inner=20)
+    model = GPT(cfg)
+    B, T = 2, 5
+    dims = {"B": B, "T": T, "S": T, "D": cfg.n_embd, "H": cfg.n_head, "Dh": cfg.d_head, "M": cfg.d_mlp,
+            "V": cfg.vocab_size}
+    names = model.site_names()
+    cache = {}
+    hooks = {n: (lambda t, n=n: cache.__setitem__(n, t)) for n in names}
+    with torch.no_grad():
+        model(torch.zeros(B, T, dtype=torch.long), hooks=hooks)
+    table = {site.replace("{l}", "0"): shape for site, shape in rows}
+    missing = [n for n in names if n not in table]
+    extra = [s for s in table if s not in names]
+    assert not missing and not extra, f"site table out of date: missing {missing}, not a site {extra}"
+    for name in names:
+        letters = [x.strip() for x in table[name].strip("()").split(",")]
+        want = tuple(dims[x] for x in letters)
+        print(f"  {name:28s} table {table[name]:16s} -> {want}, model.py {tuple(cache[name].shape)}")
+        assert tuple(cache[name].shape) == want, f"{name}: table says {table[name]}"
+
+
+def test_figures_exist_and_are_small():
+    text = read_tutorial()
+    paths = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
+    assert paths, "tutorial.md shows no figure"
+    for path in paths:
+        full = os.path.join(ROOT, path)
+        assert os.path.isfile(full), f"tutorial.md shows {path}, which does not exist (run make_figures.py)"
+        size = os.path.getsize(full)
+        print(f"  {path}: {size / 1000:.0f} kB")
+        if path.startswith("figures/"):
+            assert size < MAX_FIGURE_BYTES, f"{path} is {size} bytes; keep figures under {MAX_FIGURE_BYTES}"
+
+
+def test_every_test_the_tutorial_names_exists():
+    named = set(re.findall(r"(tests/test_\w+\.py)::(\w+)", read_tutorial()))
+    assert named, "tutorial.md names no test"
+    for path, name in sorted(named):
+        with open(os.path.join(ROOT, path)) as f:
+            source = f.read()
+        assert re.search(rf"^def {name}\b", source, re.M), f"tutorial.md names {path}::{name}, which is gone"
+    print(f"  {len(named)} named tests found")
+
+
+# --- python tests/test_tutorial.py [--update]
+
+def update(text):
+    """Rewrite every ```text block after a python block with what the block prints now (and add one
+    where a block prints but has none)."""
+    results = {line: printed for line, _, printed, _ in run_blocks(text, echo=True)}
+    lines = text.splitlines()
+    blocks = fenced_blocks(text)
+    edits = []  # (first line index, last line index (exclusive), new lines), applied bottom-up
+    for j, (lang, code, line, n_lines) in enumerate(blocks):
+        if lang != "python":
+            continue
+        printed = results[line].rstrip("\n")
+        follows = blocks[j + 1] if j + 1 < len(blocks) else None
+        if follows and follows[0] == "text":
+            first = follows[2] - 1  # index of the text block's first line
+            edits.append((first, first + follows[3], printed.splitlines()))
+        elif printed:
+            after = line - 1 + n_lines + 1  # index just past the python block's closing fence
+            edits.append((after, after, ["", "```text"] + printed.splitlines() + ["```"]))
+    for first, last, new in sorted(edits, reverse=True):
+        lines[first:last] = new
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if "--update" in sys.argv:
+        new = update(read_tutorial())
+        with open(TUTORIAL, "w") as f:
+            f.write(new)
+        print("rewrote the output blocks of tutorial.md")
+    else:
+        for line, expected, printed, seconds in run_blocks(read_tutorial()):
+            print(f"--- tutorial.md:{line} ({seconds:.1f} s)\n{printed}", end="")
