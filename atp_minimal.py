@@ -45,6 +45,7 @@ def logit_diff(answer, wrong, position=-1):
         a = torch.as_tensor(answer, device=logits.device).expand(last.shape[0])
         w = torch.as_tensor(wrong, device=logits.device).expand(last.shape[0])
         return last.gather(1, a[:, None])[:, 0] - last.gather(1, w[:, None])[:, 0]  # (B,)
+    metric.last_position_only = position == -1  # lets patched runs skip the other positions' logits
     return metric
 
 
@@ -55,6 +56,7 @@ def neg_log_prob(target, position=-1):
         logp = torch.log_softmax(last.to(torch.promote_types(last.dtype, torch.float32)), dim=-1)  # (B, V)
         t = torch.as_tensor(target, device=logits.device).expand(logp.shape[0])
         return -logp.gather(1, t[:, None])[:, 0]  # (B,)
+    metric.last_position_only = position == -1
     return metric
 
 
@@ -130,11 +132,14 @@ def activation_patching(model, clean, noise, metric, kinds=KINDS, positions="eac
     Returns kind -> (B, L, T, U) (or (B, L, U) with positions="all"). c(n) = effects[k].mean(0).
 
     One patched copy of all B pairs per node; many nodes share one forward of at most `chunk_size` rows,
-    which only recomputes what the patch can change (see resume_patched)."""
+    which only recomputes what the patch can change (see resume_patched). A metric with the attribute
+    `last_position_only = True` (logit_diff and neg_log_prob at position -1 set it) is given the logits
+    of the last position only, (B, 1, V), in patched runs."""
     check_inputs(model, clean, noise, kinds, positions)
     B, T = clean.shape
     with eval_mode(model), torch.no_grad():
         clean_logits, clean_cache, noise_cache, base = clean_and_noise_runs(model, clean, noise, metric, kinds)
+        last_only = getattr(metric, "last_position_only", False)  # set by logit_diff / neg_log_prob
         effects = empty_scores(model, kinds, B, T, positions, base.dtype, base.device)
         per_chunk = max(1, chunk_size // B)
         jobs = []  # (kind, layer, position or None, units): nodes that share a layer and a position
@@ -158,7 +163,7 @@ def activation_patching(model, clean, noise, metric, kinds=KINDS, positions="eac
                     patched[row, :, :, units] = noise_act[:, :, units].permute(2, 0, 1, 3)  # (n, B, T, E)
                 return patched.view(t.shape)
 
-            logits = resume_patched(model, clean_cache, clean_logits, l, start, n, {site(k, l): patch})
+            logits = resume_patched(model, clean_cache, clean_logits, l, start, n, {site(k, l): patch}, last_only)
             for i in range(n):
                 value = check_metric(metric(logits[i * B:(i + 1) * B]), B, f"a patched run ({k}, layer {l})")
                 index = (slice(None), l) + ((pos,) if pos is not None else ()) + (int(units[i]),)
@@ -184,19 +189,21 @@ def moved(clean_cache, noise_cache, kind, layer):
     return (delta != 0).any(-1).any(0)
 
 
-def resume_patched(model, clean_cache, clean_logits, layer, start, n, hooks):
+def resume_patched(model, clean_cache, clean_logits, layer, start, n, hooks, last_position_only=False):
     """Logits (n*B, T, V) of n patched copies of the B clean prompts, when every patch sits at a layer
     >= `layer` and a position >= `start`. Nothing before that can change, so run only layers layer..L-1
     on positions start..T-1: from the cached clean residual stream, with the cached clean keys and values
     of the earlier positions (attention is causal); earlier positions keep their clean logits.
-    The hooks see tensors of positions start..T-1 only."""
+    The hooks see tensors of positions start..T-1 only. last_position_only: return (n*B, 1, V)."""
     repeat = lambda t: t.repeat((n,) + (1,) * (t.dim() - 1))  # (B, ...) -> (n*B, ...), copy i = rows i*B..
     resid = repeat(clean_cache[f"blocks.{layer}.hook_resid_pre"][:, start:])  # (n*B, T - start, D)
     past = None
     if start > 0:
         past = [(repeat(clean_cache[f"blocks.{l}.attn.hook_k"][:, :start]),  # (n*B, start, H, Dh)
                  repeat(clean_cache[f"blocks.{l}.attn.hook_v"][:, :start])) for l in range(layer, model.config.n_layer)]
-    suffix = model.forward_from(layer, resid, hooks, past)  # (n*B, T - start, V)
+    suffix = model.forward_from(layer, resid, hooks, past, last_position_only)  # (n*B, T - start, V)
+    if last_position_only:
+        return suffix  # (n*B, 1, V)
     return torch.cat([repeat(clean_logits[:, :start]), suffix], dim=1)  # (n*B, T, V)
 
 
@@ -211,6 +218,7 @@ def patch_node_sets(model, clean, noise, metric, masks, chunk_size=256, progress
     S = next(iter(masks.values())).shape[0]
     with eval_mode(model), torch.no_grad():
         clean_logits, clean_cache, noise_cache, base = clean_and_noise_runs(model, clean, noise, metric, kinds)
+        last_only = getattr(metric, "last_position_only", False)
         out = torch.zeros(S, B, dtype=base.dtype, device=base.device)
         per_chunk = max(1, chunk_size // B)
         for first in _progress(list(range(0, S, per_chunk)), progress, "patching node sets"):
@@ -234,7 +242,7 @@ def patch_node_sets(model, clean, noise, metric, masks, chunk_size=256, progress
                     units = as_units(t).view((n, B) + nz.shape[1:])  # (n, B, T', U, E)
                     return torch.where(m_l, nz, units).reshape(t.shape)  # m_l: (n, 1, T', U, 1)
                 hooks[site(k, l)] = patch
-            logits = resume_patched(model, clean_cache, clean_logits, layer, start, n, hooks)
+            logits = resume_patched(model, clean_cache, clean_logits, layer, start, n, hooks, last_only)
             for i in range(n):
                 value = check_metric(metric(logits[i * B:(i + 1) * B]), B, "a jointly patched run")
                 out[first + i] = value - base

@@ -242,12 +242,14 @@ class GPT(nn.Module):
         pos = run_hook("hook_pos_embed", pos, hooks)
         return self.forward_from(0, tok + pos, hooks)
 
-    def forward_from(self, layer: int, resid_pre: torch.Tensor, hooks: Hooks = None, past_kv=None) -> torch.Tensor:
+    def forward_from(self, layer: int, resid_pre: torch.Tensor, hooks: Hooks = None, past_kv=None,
+                     last_position_only: bool = False) -> torch.Tensor:
         """Run blocks layer..L-1 and the unembedding on a given residual stream (B, T, D) -> (B, T, V).
         Exhaustive patching uses this to resume from the cached clean stream at the patched layer.
         past_kv: optional [(k, v) each (B, P, H, Dh)] for layers layer..L-1, the keys and values of P
         earlier positions; resid_pre then holds positions P..P+T-1 only, and so do the logits. Attention
-        is causal, so a patch at position >= P leaves everything before P as it was: reuse it."""
+        is causal, so a patch at position >= P leaves everything before P as it was: reuse it.
+        last_position_only: unembed only the last position, (B, 1, V), for metrics that read nothing else."""
         if not 0 <= layer <= self.config.n_layer:
             raise ValueError(f"layer must be in [0, {self.config.n_layer}], got {layer}")
         if resid_pre.dim() != 3 or resid_pre.shape[-1] != self.config.n_embd:
@@ -259,6 +261,8 @@ class GPT(nn.Module):
         for l in range(layer, self.config.n_layer):
             x = self.transformer.h[l](x, l, hooks, None if past_kv is None else past_kv[l - layer])
         x = run_hook("ln_final.hook_normalized", self.transformer.ln_f(x), hooks)  # (B, T, D)
+        if last_position_only:
+            x = x[:, -1:]  # (B, 1, D)
         # Tied unembedding: GPT-2 reuses the token embedding matrix, so logits = x @ wte^T.
         return x @ self.transformer.wte.weight.T  # (B, T, V)
 

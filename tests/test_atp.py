@@ -845,3 +845,28 @@ def test_scores_carry_no_autograd_graph():
             attached = [k for k, v in scores.items() if v.requires_grad or v.grad_fn is not None]
             print(f"qk_fix={qk_fix} grad_drop={grad_drop}: kinds with a graph attached: {attached}")
             assert not attached
+
+
+def test_last_position_fast_path_equals_full_logits():
+    # logit_diff at position -1 lets patched runs unembed only the last position; a metric without that
+    # declaration gets full (B, T, V) logits. Both must give the same effects.
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, n_positions=8, vocab_size=20)).double()
+    clean = torch.randint(0, 20, (3, 7))
+    noise = clean.clone()
+    noise[:, 2] = (noise[:, 2] + 3) % 20
+    fast = atp.logit_diff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
+    full = lambda logits: fast(logits)  # same values, no `last_position_only` attribute
+    assert fast.last_position_only and not hasattr(full, "last_position_only")
+    worst = 0.0
+    for positions in ("each", "all"):
+        a = atp.activation_patching(model, clean, noise, fast, positions=positions)
+        b = atp.activation_patching(model, clean, noise, full, positions=positions)
+        worst = max(worst, max((a[k] - b[k]).abs().max().item() for k in a))
+    member = torch.rand(6, 40, generator=torch.Generator().manual_seed(0)) < 0.3
+    nodes = atp.rank_nodes({k: v.mean(0) for k, v in b.items()})[0][:40]
+    masks = atp.node_masks(model, clean.shape[1], nodes, member)
+    sets = (atp.patch_node_sets(model, clean, noise, fast, masks) - atp.patch_node_sets(model, clean, noise, full, masks))
+    worst = max(worst, sets.abs().max().item())
+    print(f"last-position fast path vs full logits: max abs diff {worst:.1e}")
+    assert worst <= 1e-12
