@@ -219,33 +219,43 @@ def patch_node_sets(model, clean, noise, metric, masks, chunk_size=256, progress
     with eval_mode(model), torch.no_grad():
         clean_logits, clean_cache, noise_cache, base = clean_and_noise_runs(model, clean, noise, metric, kinds)
         last_only = getattr(metric, "last_position_only", False)
+        # Which nodes each set really moves, per (kind, layer): (S, T, U). Patching an unmoved node is a no-op.
+        patched = {}
+        for k, m in masks.items():
+            for l in range(L):
+                m_l = m[:, l].to(clean.device)  # (S, T, U) or (S, U)
+                if m_l.dim() == 2:  # a unit at every position
+                    m_l = m_l[:, None, :].expand(S, T, m_l.shape[-1])
+                m_l = m_l & moved(clean_cache, noise_cache, k, l)
+                if m_l.any():
+                    patched[k, l] = m_l
+        # Where each set's first patch sits; sets that start alike share one resumed forward (resume_patched).
+        first_layer = torch.full((S,), L, device=clean.device)
+        first_pos = torch.full((S,), T, device=clean.device)
+        for (k, l), m_l in patched.items():
+            at = m_l.any(-1)  # (S, T)
+            first_layer = torch.where(at.any(-1), torch.clamp(first_layer, max=l), first_layer)
+            first_pos = torch.minimum(first_pos, torch.where(at.any(-1), at.int().argmax(-1), T))
+        order = sorted(range(S), key=lambda i: (int(first_layer[i]), int(first_pos[i])))
+        order = [i for i in order if first_layer[i] < L]  # sets that move nothing have effect exactly 0
         out = torch.zeros(S, B, dtype=base.dtype, device=base.device)
         per_chunk = max(1, chunk_size // B)
-        for first in _progress(list(range(0, S, per_chunk)), progress, "patching node sets"):
-            mask = {}  # (kind, layer) -> (n, T, U): which nodes each set patches; unmoved nodes are no-ops
-            for k, m in masks.items():
-                for l in range(L):
-                    m_l = m[first:first + per_chunk, l].to(clean.device)  # (n, T, U) or (n, U)
-                    if m_l.dim() == 2:  # a unit at every position
-                        m_l = m_l[:, None, :].expand(m_l.shape[0], T, m_l.shape[-1])
-                    m_l = m_l & moved(clean_cache, noise_cache, k, l)
-                    if m_l.any():
-                        mask[k, l] = m_l
-            if not mask:
-                continue  # nothing moves: effect exactly 0
-            n = min(per_chunk, S - first)
-            layer = min(l for _, l in mask)
-            start = min(int(m_l.any(0).any(-1).nonzero()[0]) for m_l in mask.values())
+        for c in _progress(list(range(0, len(order), per_chunk)), progress, "patching node sets"):
+            sets = torch.tensor(order[c:c + per_chunk], device=clean.device)
+            n = len(sets)
+            layer, start = int(first_layer[sets].min()), int(first_pos[sets].min())
             hooks = {}
-            for (k, l), m_l in mask.items():
-                def patch(t, m_l=m_l[:, None, start:, :, None], nz=as_units(noise_cache[site(k, l)])[:, start:]):
+            for (k, l), m_l in patched.items():
+                if l < layer or not m_l[sets].any():
+                    continue
+                def patch(t, m=m_l[sets][:, None, start:, :, None], nz=as_units(noise_cache[site(k, l)])[:, start:]):
                     units = as_units(t).view((n, B) + nz.shape[1:])  # (n, B, T', U, E)
-                    return torch.where(m_l, nz, units).reshape(t.shape)  # m_l: (n, 1, T', U, 1)
+                    return torch.where(m, nz, units).reshape(t.shape)  # m: (n, 1, T', U, 1)
                 hooks[site(k, l)] = patch
             logits = resume_patched(model, clean_cache, clean_logits, layer, start, n, hooks, last_only)
-            for i in range(n):
+            for i, s in enumerate(sets.tolist()):
                 value = check_metric(metric(logits[i * B:(i + 1) * B]), B, "a jointly patched run")
-                out[first + i] = value - base
+                out[s] = value - base
     return out
 
 
