@@ -229,21 +229,24 @@ def patch_node_sets(model, clean, noise, metric, masks, chunk_size=256, progress
                 m_l = m_l & moved(clean_cache, noise_cache, k, l)
                 if m_l.any():
                     patched[k, l] = m_l
-        # Where each set's first patch sits; sets that start alike share one resumed forward (resume_patched).
+        # Where each set's first patch sits; sets that start alike share resumed forwards (resume_patched).
         first_layer = torch.full((S,), L, device=clean.device)
         first_pos = torch.full((S,), T, device=clean.device)
         for (k, l), m_l in patched.items():
             at = m_l.any(-1)  # (S, T)
             first_layer = torch.where(at.any(-1), torch.clamp(first_layer, max=l), first_layer)
             first_pos = torch.minimum(first_pos, torch.where(at.any(-1), at.int().argmax(-1), T))
-        order = sorted(range(S), key=lambda i: (int(first_layer[i]), int(first_pos[i])))
-        order = [i for i in order if first_layer[i] < L]  # sets that move nothing have effect exactly 0
-        out = torch.zeros(S, B, dtype=base.dtype, device=base.device)
+        groups = {}  # (first layer, first position) -> sets; sets that move nothing have effect exactly 0
+        for i in range(S):
+            if first_layer[i] < L:
+                groups.setdefault((int(first_layer[i]), int(first_pos[i])), []).append(i)
         per_chunk = max(1, chunk_size // B)
-        for c in _progress(list(range(0, len(order), per_chunk)), progress, "patching node sets"):
-            sets = torch.tensor(order[c:c + per_chunk], device=clean.device)
+        chunks = [(key, ids[c:c + per_chunk]) for key, ids in sorted(groups.items())
+                  for c in range(0, len(ids), per_chunk)]
+        out = torch.zeros(S, B, dtype=base.dtype, device=base.device)
+        for (layer, start), ids in _progress(chunks, progress, "patching node sets"):
+            sets = torch.tensor(ids, device=clean.device)
             n = len(sets)
-            layer, start = int(first_layer[sets].min()), int(first_pos[sets].min())
             hooks = {}
             for (k, l), m_l in patched.items():
                 if l < layer or not m_l[sets].any():
