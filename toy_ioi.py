@@ -38,7 +38,7 @@ every template) is test data, and the training split never sees these two names 
 ordered pairs instead would not test generalisation: the model sees (Y, X) in training and memorises it.
 
 Usage:
-    python toy_ioi.py                  # retrain and write toy_model/ (~40 s on 2 idle CPU cores)
+    python toy_ioi.py                  # retrain and write toy_model/ (~45 s on 2 idle CPU cores)
     python toy_ioi.py --out DIR        # write the checkpoint somewhere else
     python toy_ioi.py --seed N         # try another training seed
 """
@@ -148,8 +148,8 @@ def make_pairs(n: int, split: str = "test", seed: int = 0):
 
 CONFIG = GPTConfig(n_layer=4, n_head=4, n_embd=128, n_positions=24, vocab_size=len(VOCAB))
 # Seed 0 reaches 100% held-out accuracy by step 200 of STEPS. Not every seed generalises that fast:
-# seed 4 fits the training pairs (loss 0.002) yet stalls at ~90% on held-out pairs after 400 steps,
-# which is why main() checks held-out accuracy and exits non-zero below 99%.
+# seeds 3, 4 and 5 end 400 steps at 83-90% on held-out pairs (seed 4 with training loss 0.002: it fits
+# the training pairs without generalising), which is why main() exits non-zero below 99% held-out.
 TRAIN_SEED = 0
 STEPS = 400
 BATCH_SIZE = 128
@@ -231,7 +231,7 @@ def check_saved(model: GPT, out_dir: str):
     with torch.no_grad():
         want = model(clean)  # (B, T, V)
         torch.testing.assert_close(load_toy_model(out_dir)(clean), want, rtol=0, atol=0)
-        print(f"reloaded with GPT.from_pretrained: logits identical")
+        print("reloaded with GPT.from_pretrained: logits identical")
         try:
             from transformers import GPT2LMHeadModel
         except ImportError:
@@ -252,6 +252,10 @@ def main():
 
     torch.set_num_threads(2)  # the timing below is for 2 CPU cores
     torch.use_deterministic_algorithms(True)  # same seed, same checkpoint (costs nothing measurable here)
+    # As attention saturates, some floats become subnormal (< 1.2e-38; probabilities reach 1e-45), and CPU
+    # arithmetic on them is very slow: steps 100-175 ran at 1-3 s instead of 0.1 s. Flushing them to zero
+    # cuts training from ~4.5 min to ~45 s and leaves this checkpoint bit-for-bit the same.
+    torch.set_flush_denormal(True)
     print(f"{len(VOCAB)} tokens, {len(NAMES)} names, {len(TEMPLATES)} templates, T={T}; "
           f"{len(name_pairs('train'))} train / {len(name_pairs('test'))} test name pairs")
     print("example clean:", decode(make_pairs(1)[0][0]))
@@ -261,12 +265,13 @@ def main():
     print(f"trained in {time.time() - start:.1f} s")
     train_acc, test_acc = accuracy(model, "train"), accuracy(model, "test")
     print(f"accuracy: train {train_acc:.4f}, held-out {test_acc:.4f}")
+    if test_acc < 0.99:  # checked before saving, so a failed run never overwrites a good checkpoint
+        sys.exit(f"held-out accuracy {test_acc:.4f} < 0.99: this seed did not converge (nothing written); "
+                 f"try another --seed")
     save(model, args.out)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"wrote {args.out} ({size / 1e6:.2f} MB)")
     check_saved(model, args.out)
-    if test_acc < 0.99:
-        sys.exit(f"held-out accuracy {test_acc:.4f} < 0.99: this seed did not converge; try another --seed")
 
 
 if __name__ == "__main__":

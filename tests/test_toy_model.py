@@ -5,15 +5,12 @@ the regime the AtP* QK fix (§3) is for. `pytest -s tests/test_toy_model.py` pri
 """
 
 import itertools
-import os
-import sys
 from collections import Counter
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import toy_ioi
+import toy_ioi  # conftest.py puts the repository root on sys.path
 from toy_ioi import (N1_POS, N2_POS, NAMES, S_POS, T, TOY_MODEL_DIR, VOCAB, accuracy, all_pairs, decode,
                      load_toy_model, logit_diff, make_pairs, name_pairs)
 
