@@ -348,7 +348,6 @@ class NodeEstimator:
 
     def __call__(self, grads, layers):
         B, T = next(iter(self.clean.values())).shape[:2]
-        L = self.model.config.n_layer
         first = as_units(self.clean[site(self.kinds[0], 0)])
         out = empty_scores(self.model, self.kinds, B, T, self.positions, self.dtype, first.device)
         for k in self.kinds:

@@ -579,7 +579,7 @@ def markdown_report(title, command, cfg, rows, wheres, families, claim_lines, el
                     cells = [f"{s[(where, f, m)]['gmean']:.2f} ({s[(where, f, m)]['label']})"
                              if (where, f, m) in s else "–" for f in families]
                     out.append(f"| {m} | {factor} | " + " | ".join(cells) + " |")
-            out += ["", f"AtP for reference: " + ", ".join(
+            out += ["", "AtP for reference: " + ", ".join(
                 f"{f} {summary[(where, f, 'AtP')]['gmean']:.2f}" for f in families) + ".", ""]
     out += ["## Cost accounting (per prompt pair; one forward pass of one prompt = 1)", "",
             "| item | cost |", "|---|---:|",

@@ -29,13 +29,7 @@ import atp_minimal as atp  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: one thread avoids inter-thread overhead (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# (tests/conftest.py runs every test on one torch thread: the tensors here are tiny)
 
 
 # --- tolerances (float64 throughout)

@@ -177,15 +177,6 @@ def test_relative_cost_is_the_inverse_rank_weighted_geometric_mean():
 # --- end to end on a random tiny GPT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and more slow down badly when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=8, vocab_size=20, n_positions=8))
