@@ -35,6 +35,9 @@ SITES = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v", "z": "attn.
 
 # --------------------------------------------------------------------------------------------------
 # --- metrics: one scalar per prompt pair (§1.2)
+#
+# A metric maps logits (B, T, V) to (B,), and value b must depend on row b alone: AtP differentiates the
+# sum over pairs, and patched runs stack copies of the B pairs. (A metric like x - x.mean() breaks both.)
 
 def logit_diff(answer, wrong, position=-1):
     """metric(logits (B, T, V)) -> (B,): logit of `answer` minus logit of `wrong` at `position`.
@@ -134,7 +137,8 @@ def activation_patching(model, clean, noise, metric, kinds=KINDS, positions="eac
     One patched copy of all B pairs per node; many nodes share one forward of at most `chunk_size` rows,
     which only recomputes what the patch can change (see resume_patched). A metric with the attribute
     `last_position_only = True` (logit_diff and neg_log_prob at position -1 set it) is given the logits
-    of the last position only, (B, 1, V), in patched runs."""
+    of the last position only, (B, 1, V), in patched runs: set it only on a metric that reads position -1
+    and nothing else."""
     check_inputs(model, clean, noise, kinds, positions)
     B, T = clean.shape
     with eval_mode(model), torch.no_grad():
@@ -285,6 +289,8 @@ def attribution_patching(model, clean, noise, metric, kinds=KINDS, qk_fix=False,
     grad_drop=True:  per-pair sum_l |I_hat_l(n)| / (L-1), >= 0 (§4.2).
     qk_fix=True: q and k nodes use the exact-softmax estimates of §3.2-3.3."""
     check_inputs(model, clean, noise, kinds, positions)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("attribution_patching needs gradients: call it outside torch.inference_mode()")
     B, T = clean.shape
     L = model.config.n_layer
     if grad_drop and L < 2:
@@ -293,14 +299,16 @@ def attribution_patching(model, clean, noise, metric, kinds=KINDS, qk_fix=False,
     node_sites = [site(k, l) for k in kinds for l in range(L)]
     qk_sites = [f"blocks.{l}.attn.{s}" for l in range(L) for s in ("hook_q", "hook_k")] if use_qk else []
     pattern_sites = [f"blocks.{l}.attn.hook_pattern" for l in range(L)] if use_qk else []
-    score_sites = [f"blocks.{l}.attn.hook_attn_scores" for l in range(L)] if use_qk else []
     resid_sites = [f"blocks.{l}.hook_resid_post" for l in range(L)] if grad_drop else []
     with eval_mode(model):
         with torch.no_grad():  # forward 1: the noise run, for n(x_noise)
             _, noise_cache = run_with_cache(model, noise, node_sites + qk_sites)
         with torch.enable_grad():  # forward 2 + backward: the clean run, for n(x_clean) and dL/dn
+            # Gradients are taken with respect to activations only: start the graph at the embedding, so
+            # a model with frozen parameters works too (and no parameter gradient is ever computed).
+            start_graph = {"hook_embed": lambda t: t.detach().requires_grad_(True)}
             clean_logits, clean_cache = run_with_cache(model, clean, node_sites + qk_sites + pattern_sites
-                                                       + score_sites + resid_sites)
+                                                       + resid_sites, hooks=start_graph)
             values = check_metric(metric(clean_logits), B, "the clean run")
             wrt = node_sites + pattern_sites + resid_sites
             grads = dict(zip(wrt, torch.autograd.grad(values.sum(), [clean_cache[n] for n in wrt],
@@ -374,9 +382,13 @@ class NodeEstimator:
         p = f"blocks.{layer}.attn."
         get = lambda cache, s: cache[p + s].to(self.dtype)
         q, k = get(self.clean, "hook_q"), get(self.clean, "hook_k")  # (B, T, H, Dh)
-        scores = get(self.clean, "hook_attn_scores")  # (B, H, T, S), -inf above the diagonal
         G = G.to(self.dtype)  # (B, H, T, S): dL/dpattern
         scale = self.model.transformer.h[layer].attn.scale
+        # The clean scores, recomputed as the model computes them but in the estimate's dtype, so that
+        # clean and patched softmaxes round alike (under bf16 a query the noise does not move gets 0).
+        T = q.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, S)
+        scores = ((q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale).masked_fill(~causal, float("-inf"))
         if kind == "q":
             return query_fix(q, get(self.noise, "hook_q"), k, scores, G, scale, self.positions)
         return key_fix(q, k, get(self.noise, "hook_k"), scores, G, scale, self.positions)
@@ -542,8 +554,8 @@ def false_negative_bound(model, clean, noise, metric, ranking, K, p=0.1, n_sampl
                                   (intersection-union test: no multiple-testing correction needed)
       c_ss, se, df, unverified    per-node statistics on R, in the order of `unverified`
     Assumes approximate additivity of node effects, as the paper does; interactions bias c_ss by O(p)."""
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie strictly between 0 and 1, got {alpha}")
+    if not 0 < alpha < 0.5:
+        raise ValueError(f"alpha must lie strictly between 0 and 0.5 (a one-sided upper bound), got {alpha}")
     if K < 0 or K > len(ranking):
         raise ValueError(f"K={K} must be between 0 and the number of ranked nodes ({len(ranking)})")
     verified, effects = verify(model, clean, noise, metric, ranking, K, chunk_size, progress)
@@ -561,7 +573,10 @@ def false_negative_bound(model, clean, noise, metric, ranking, K, p=0.1, n_sampl
 def welch_bound(c_ss, se, df, alpha=0.05, theta=None):
     """From per-node (c_ss, se, df): theta* = max_n |c_ss(n)| + t_{1-alpha, df_n} se_n, the index of the
     node that sets it, and (if theta is given) the p-value of H0 "some node has |c(n)| >= theta":
-    max_n P(T_df > (theta - |c_ss(n)|) / se_n), the least favourable null being c(n) = theta sign(c_ss(n))."""
+    max_n P(T_df > (theta - |c_ss(n)|) / se_n), the least favourable null being c(n) = theta sign(c_ss(n)).
+    0 < alpha < 0.5."""
+    if not 0 < alpha < 0.5:
+        raise ValueError(f"alpha must lie strictly between 0 and 0.5 (a one-sided upper bound), got {alpha}")
     # The t quantile falls as df grows, between the normal's (df = inf) and the one at the smallest df.
     # Bracket every node's bound with those two, then compute the exact t quantile only for the nodes
     # whose bracket reaches the best lower bound (usually a handful out of thousands).

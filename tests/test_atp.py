@@ -864,3 +864,26 @@ def test_last_position_fast_path_equals_full_logits():
     worst = max(worst, sets.abs().max().item())
     print(f"last-position fast path vs full logits: max abs diff {worst:.1e}")
     assert worst <= 1e-12
+
+
+def test_frozen_bf16_model_unmoved_nodes_score_zero_and_inference_mode_is_refused():
+    # Frozen parameters (common in interpretability code) must not matter: gradients are taken with
+    # respect to activations. Under bf16, the QK fix must still give exactly 0 to nodes the noise does not move.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, n_positions=8, vocab_size=20))
+    clean = torch.randint(0, 20, (2, 6))
+    noise = clean.clone()
+    noise[:, 3] = (noise[:, 3] + 1) % 20
+    metric = atp.logit_diff(1, 2)
+    reference = atp.atp_star(model, clean, noise, metric)
+    model.requires_grad_(False)
+    frozen = atp.atp_star(model, clean, noise, metric)
+    diff = max((reference[k] - frozen[k]).abs().max().item() for k in reference)
+    model16 = model.to(torch.bfloat16)
+    est16 = atp.attribution_patching(model16, clean, noise, metric, qk_fix=True)
+    unmoved = max(est16[k][:, :, :3].abs().max().item() for k in est16)  # positions before the change
+    print(f"frozen vs trainable parameters: max diff {diff:.1e}; bf16 QK-fixed estimates at unmoved "
+          f"positions: max {unmoved:.1e}; estimate dtype {est16['q'].dtype}")
+    assert diff == 0 and unmoved == 0 and est16["q"].dtype == torch.float32
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        atp.atp_star(model, clean, noise, metric)
