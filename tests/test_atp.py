@@ -825,13 +825,19 @@ def test_a_model_in_training_mode_gives_eval_numbers_and_keeps_its_mode():
     model.eval()
 
 
-def test_scores_carry_no_autograd_graph():
-    # Estimates are plain numbers: a graph attached to them would keep every saved forward tensor alive.
+def small_pair():
+    """A random 3-layer float32 GPT and two prompt pairs that differ at position 3 only."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, n_positions=8, vocab_size=20))
     clean = torch.randint(0, 20, (2, 6))
     noise = clean.clone()
     noise[:, 3] = (noise[:, 3] + 1) % 20
+    return model, clean, noise
+
+
+def test_scores_carry_no_autograd_graph():
+    # Estimates are plain numbers: a graph attached to them would keep every saved forward tensor alive.
+    model, clean, noise = small_pair()
     for qk_fix in (False, True):
         for grad_drop in (False, True):
             scores = atp.attribution_patching(model, clean, noise, atp.logit_diff(1, 2), qk_fix=qk_fix,
@@ -869,11 +875,7 @@ def test_last_position_fast_path_equals_full_logits():
 def test_frozen_bf16_model_unmoved_nodes_score_zero_and_inference_mode_is_refused():
     # Frozen parameters (common in interpretability code) must not matter: gradients are taken with
     # respect to activations. Under bf16, the QK fix must still give exactly 0 to nodes the noise does not move.
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, n_positions=8, vocab_size=20))
-    clean = torch.randint(0, 20, (2, 6))
-    noise = clean.clone()
-    noise[:, 3] = (noise[:, 3] + 1) % 20
+    model, clean, noise = small_pair()
     metric = atp.logit_diff(1, 2)
     reference = atp.atp_star(model, clean, noise, metric)
     model.requires_grad_(False)
