@@ -41,6 +41,8 @@ Usage:
     python toy_ioi.py                  # retrain and write toy_model/ (~45 s on 2 idle CPU cores)
     python toy_ioi.py --out DIR        # write the checkpoint somewhere else
     python toy_ioi.py --seed N         # try another training seed
+    python toy_ioi.py --n-layer 8 --d-model 64 --lr 1e-3 --steps 1200 --out DIR   # another recipe
+                                       # (depth_study.py trains its models this way)
 """
 
 import argparse
@@ -156,18 +158,20 @@ BATCH_SIZE = 128
 LR = 3e-3
 
 
-def train(seed: int = TRAIN_SEED, steps: int = STEPS, log_every: int = 100) -> GPT:
-    """Train a fresh CONFIG model on the train split: cross-entropy of the answer name at the last
-    position only (the earlier positions are never asked for a prediction). Seeded: the same seed
-    gives the same weights (main() also switches torch to deterministic algorithms)."""
+def train(seed: int = TRAIN_SEED, steps: int = STEPS, log_every: int = 100, config: GPTConfig = CONFIG,
+          lr: float = LR, batch_size: int = BATCH_SIZE) -> GPT:
+    """Train a fresh `config` model (default: the shipped model's CONFIG) on the train split: AdamW,
+    cross-entropy of the answer name at the last position only (the earlier positions are never asked
+    for a prediction). Seeded: the same seed gives the same weights (main() also switches torch to
+    deterministic algorithms)."""
     torch.manual_seed(seed)  # the initial weights
-    model = GPT(CONFIG)
+    model = GPT(config)
     model.train()  # no dropout in this model, so this only records intent
     clean, _, answer, _ = all_pairs("train")  # (N, T), (N,); every noise prompt is also a clean prompt here
     batches = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     for step in range(1, steps + 1):
-        idx = torch.randint(len(clean), (BATCH_SIZE,), generator=batches)  # (B,)
+        idx = torch.randint(len(clean), (batch_size,), generator=batches)  # (B,)
         logits = model(clean[idx])[:, -1, :]  # (B, V): the prediction after the final "to"
         loss = F.cross_entropy(logits, answer[idx])
         opt.zero_grad(set_to_none=True)
@@ -243,14 +247,25 @@ def check_saved(model: GPT, out_dir: str):
         print(f"reloaded with transformers.GPT2LMHeadModel: max |logit diff| {(got - want).abs().max():.2e}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Train the toy IOI model and write its checkpoint.")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train the toy IOI model and write its checkpoint. The "
+                                     "defaults are the shipped model's recipe.")
     parser.add_argument("--out", default=TOY_MODEL_DIR, help="output directory (default: toy_model/)")
     parser.add_argument("--seed", type=int, default=TRAIN_SEED, help="training seed")
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps")
-    args = parser.parse_args()
+    parser.add_argument("--n-layer", type=int, default=CONFIG.n_layer, help="transformer blocks")
+    parser.add_argument("--d-model", type=int, default=CONFIG.n_embd, help="residual width (n_embd; d_mlp = 4x)")
+    parser.add_argument("--n-head", type=int, default=CONFIG.n_head, help="attention heads per layer")
+    parser.add_argument("--lr", type=float, default=LR, help="AdamW learning rate")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="prompts per step")
+    parser.add_argument("--min-accuracy", type=float, default=0.99,
+                        help="write nothing (and exit non-zero) below this held-out accuracy")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.d_model,
+                       n_positions=CONFIG.n_positions, vocab_size=CONFIG.vocab_size)
 
-    torch.set_num_threads(2)  # the timing below is for 2 CPU cores
+    torch.set_num_threads(args.threads)  # the default recipe's timing below is for 2 CPU cores
     torch.use_deterministic_algorithms(True)  # same seed, same checkpoint (costs nothing measurable here)
     # As attention saturates, some floats become subnormal (< 1.2e-38; probabilities reach 1e-45), and CPU
     # arithmetic on them is very slow: steps 100-175 ran at 1-3 s instead of 0.1 s. Flushing them to zero
@@ -261,13 +276,13 @@ def main():
     print("example clean:", decode(make_pairs(1)[0][0]))
     print("example noise:", decode(make_pairs(1)[1][0]))
     start = time.time()
-    model = train(args.seed, args.steps)
+    model = train(args.seed, args.steps, config=config, lr=args.lr, batch_size=args.batch_size)
     print(f"trained in {time.time() - start:.1f} s")
     train_acc, test_acc = accuracy(model, "train"), accuracy(model, "test")
     print(f"accuracy: train {train_acc:.4f}, held-out {test_acc:.4f}")
-    if test_acc < 0.99:  # checked before saving, so a failed run never overwrites a good checkpoint
-        sys.exit(f"held-out accuracy {test_acc:.4f} < 0.99: this seed did not converge (nothing written); "
-                 f"try another --seed")
+    if test_acc < args.min_accuracy:  # checked before saving: a failed run never overwrites a good checkpoint
+        sys.exit(f"held-out accuracy {test_acc:.4f} < {args.min_accuracy}: this seed did not converge (nothing "
+                 f"written); try another --seed")
     save(model, args.out)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"wrote {args.out} ({size / 1e6:.2f} MB)")
