@@ -227,9 +227,20 @@ class GPT(nn.Module):
                              f"got min {int(idx.min())}, max {int(idx.max())}")
 
     def check_hooks(self, hooks: Hooks):
-        unknown = sorted(set(hooks or {}) - set(self.site_names()))
+        if hooks is None:
+            return
+        if not isinstance(hooks, dict):
+            raise TypeError(f"hooks must be a dict {{site name: fn(tensor) -> tensor or None}}, got {type(hooks).__name__}")
+        unknown = sorted(set(hooks) - set(self.site_names()))
         if unknown:
             raise KeyError(f"unknown hook site(s) {unknown}; model.site_names() lists the valid ones")
+        not_callable = sorted(name for name, fn in hooks.items() if not callable(fn))
+        if not_callable:
+            raise TypeError(f"the hooks for {not_callable} are not callable: each must be fn(tensor) -> tensor or None")
+
+    def attention_scale(self, layer: int) -> float:
+        """The factor in scores = (q . k) * scale: 1/sqrt(d_head) in every layer of GPT-2."""
+        return self.transformer.h[layer].attn.scale
 
     def forward(self, idx: torch.Tensor, hooks: Hooks = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V) at every position."""
