@@ -143,19 +143,25 @@ def neg_log_prob(target, position=-1):
 def patch_nodes(model, clean, noise, metric, nodes):
     """metric(clean | do(nodes <- their noise values)) - metric(clean), (B,), one patched forward.
     With one node this is I(n), the node's exact effect; with several, one joint patch of all of them."""
-    names = sorted({site(n[0], n[1]) for n in nodes})
+    check_inputs(model, clean, noise, KINDS)
     with eval_mode(model), torch.no_grad():
-        _, noise_acts = run_with_cache(model, noise, names)
-        hooks = {}
-        for name in names:
-            def patch(t, here=[n for n in nodes if site(n[0], n[1]) == name], new=noise_acts[name]):
-                t = t.clone()
-                for node in here:  # (kind, layer, pos, unit) or (kind, layer, unit): every position
-                    where = (slice(None), node[2] if len(node) == 4 else slice(None), node[-1])
-                    t[where] = new[where]
-                return t
-            hooks[name] = patch
-        return metric(model(clean, hooks=hooks)) - metric(model(clean))  # (B,)
+        _, noise_acts = run_with_cache(model, noise, {site(n[0], n[1]) for n in nodes})
+        return metric(model(clean, hooks=patch_hooks(nodes, noise_acts))) - metric(model(clean))  # (B,)
+
+
+def patch_hooks(nodes, noise_acts):
+    """Hooks that overwrite each node with its cached noise value: node (kind, layer, pos, unit) is
+    t[:, pos, unit] at its site; (kind, layer, unit) is t[:, :, unit], the unit at every position."""
+    hooks = {}
+    for name in {site(n[0], n[1]) for n in nodes}:
+        def patch(t, here=[n for n in nodes if site(n[0], n[1]) == name], new=noise_acts[name]):
+            t = t.clone()
+            for node in here:
+                where = (slice(None), node[2] if len(node) == 4 else slice(None), node[-1])
+                t[where] = new[where]
+            return t
+        hooks[name] = patch
+    return hooks
 
 
 def activation_patching_reference(model, clean, noise, metric, kinds=KINDS, positions="each"):
@@ -163,12 +169,14 @@ def activation_patching_reference(model, clean, noise, metric, kinds=KINDS, posi
     I(n) = metric(clean | do(n <- n(noise))) - metric(clean). Returns kind -> (B, L, T, U) ((B, L, U) for
     positions="all"); the true contribution is c(n) = effects[kind].mean(0)."""
     kinds = check_inputs(model, clean, noise, kinds, positions)
-    effects = {}
-    for k in kinds:
-        nodes = all_nodes(model, k, clean.shape[1], positions)
-        values = torch.stack([patch_nodes(model, clean, noise, metric, [n]) for n in nodes], 1)  # (B, N)
-        effects[k] = values.view((clean.shape[0], model.config.n_layer, -1, n_units(model, k)))
-        effects[k] = effects[k][:, :, 0] if positions == "all" else effects[k]
+    B, L, effects = clean.shape[0], model.config.n_layer, {}
+    with eval_mode(model), torch.no_grad():
+        _, noise_acts = run_with_cache(model, noise, [site(k, l) for k in kinds for l in range(L)])
+        base = check_metric(metric, model(clean), B)  # (B,), the clean run's metric
+        for k in kinds:
+            nodes = all_nodes(model, k, clean.shape[1], positions)
+            values = [metric(model(clean, hooks=patch_hooks([n], noise_acts))) - base for n in nodes]  # (B,) each
+            effects[k] = torch.stack(values, 1).view((B, L) + ((-1,) if positions == "each" else ()) + (n_units(model, k),))
     return effects
 
 
@@ -323,7 +331,7 @@ def verify_reference(model, clean, noise, metric, ranking, budget):
     """Verification: exact patching of the first `budget` nodes of `ranking`, one forward each. Removes
     false positives; never finds what it is not shown. Returns (nodes, effects (N, B)), c(n) = .mean(1)."""
     nodes = check_nodes(model, clean.shape[1], ranking[:check_count(budget, "budget", 0, len(ranking))])
-    effects = [patch_nodes(model, clean, noise, metric, [n]) for n in nodes]
+    effects = [patch_nodes(model, clean, noise, metric, [n]) for n in nodes]  # (B,) each
     return nodes, torch.stack(effects) if effects else torch.zeros(0, clean.shape[0])
 
 
