@@ -790,9 +790,10 @@ def check_inputs(model, clean, noise, kinds, positions="each"):
     """Check the model protocol, the token tensors and the node kinds; returns kinds as a tuple."""
     missing = [f for f in ("n_layer", "n_head", "d_head", "d_mlp", "vocab_size", "n_positions")
                if not isinstance(getattr(getattr(model, "config", None), f, None), numbers.Integral)]
-    if missing or not callable(getattr(model, "attention_scale", None)):
-        raise TypeError(f"the model lacks {missing or ''} {'' if missing else 'attention_scale(layer)'}: see "
-                        "'The model protocol' at the top of atp_minimal.py")
+    missing = [f"config.{f}" for f in missing] + [m for m in ("attention_scale", "parameters")
+                                                  if not callable(getattr(model, m, None))]
+    if missing:
+        raise TypeError(f"the model lacks {', '.join(missing)}: see 'The model protocol' at the top of atp_minimal.py")
     for name, x in (("clean", clean), ("noise", noise)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype.is_floating_point or x.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor of token ids, shape (B, T); got "
@@ -804,10 +805,10 @@ def check_inputs(model, clean, noise, kinds, positions="each"):
     if clean.shape[0] == 0 or not 1 <= clean.shape[1] <= cfg.n_positions:
         raise ValueError(f"need at least one prompt pair and 1 <= T <= n_positions = {cfg.n_positions}; got (B, T) = {tuple(clean.shape)}")
     for name, x in (("clean", clean), ("noise", noise)):
-        if x.min() < 0 or x.max() >= cfg.vocab_size:
-            raise ValueError(f"{name} token ids must lie in [0, {cfg.vocab_size}); got min {int(x.min())}, max {int(x.max())}")
         if x.device != device:
             raise ValueError(f"{name} tokens are on {x.device} but the model is on {device}; move them with .to({str(device)!r})")
+        if x.min() < 0 or x.max() >= cfg.vocab_size:
+            raise ValueError(f"{name} token ids must lie in [0, {cfg.vocab_size}); got min {int(x.min())}, max {int(x.max())}")
     if isinstance(kinds, str) or not hasattr(kinds, "__iter__"):
         raise TypeError(f"kinds must be a collection of node kinds, e.g. ('q', 'k'); got {kinds!r}")
     if isinstance(kinds, (set, frozenset)):

@@ -288,8 +288,17 @@ class GPT(nn.Module):
         config_path = os.path.join(directory, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{directory} has no config.json; expected a Hugging Face GPT-2 directory")
-        with open(config_path) as f:
-            cfg = GPTConfig.from_hf(json.load(f))
+        try:
+            with open(config_path) as f:
+                hf = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{config_path} must hold a JSON object, got {type(hf).__name__}")
+        needed = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hf]
+        if needed:
+            raise ValueError(f"{config_path} lacks {needed}: not a Hugging Face GPT-2 config")
+        cfg = GPTConfig.from_hf(hf)
         model = cls(cfg)
         model.load_hf_state_dict(_read_weights(directory))
         return model
@@ -325,11 +334,17 @@ def _read_weights(directory: str) -> Dict[str, torch.Tensor]:
     bin_ = os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(st):
         from safetensors.torch import load_file  # lazy: only needed for this file format
-        return load_file(st)
+        try:
+            return load_file(st)
+        except Exception as e:  # truncated or not a safetensors file at all
+            raise ValueError(f"{st} could not be read as a safetensors file ({type(e).__name__}: {e})") from None
     if os.path.isfile(bin_):
-        sd = torch.load(bin_, map_location="cpu", weights_only=True)
-        if not isinstance(sd, dict):
-            raise ValueError(f"{bin_} does not hold a state_dict")
+        try:
+            sd = torch.load(bin_, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, garbage, or a pickle of something other than tensors
+            raise ValueError(f"{bin_} could not be read as a PyTorch state_dict ({type(e).__name__})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{bin_} does not hold a state_dict of tensors")
         return sd
     raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
 
