@@ -1,0 +1,29 @@
+"""
+Checks on depth_study.py's own arithmetic: the cost it charges per-sub-layer GradDrop, and the grid that
+makes its rankings the same on every CPU. (The estimators it scores are atp_minimal's, tested in
+tests/test_atp.py and tests/test_reference.py.) `pytest -s tests/test_depth_study.py`.
+"""
+
+import torch
+
+import compare_methods
+import depth_study
+
+
+def test_sublayer_cost_counts_the_partial_backward_passes():
+    # L = 1: AtP (4), then the pass dropping mlp_0 reaches attn_0 only (half a block: 2 * 0.5 = 1); the
+    # QK fix: 1 for the plain gradient and 1 in the pass dropping mlp_0. Neurons have nothing to fix.
+    assert depth_study.sublayer_cost(1, qk_fix=True, kinds=("q",)) == 4 + 1 + 1 + 1
+    assert depth_study.sublayer_cost(1, qk_fix=True, kinds=("neuron",)) == 4 + 1
+    for L in (2, 4, 12):  # in general 4 + (2L - 1), and L + 1 more for the QK fix
+        sub, block = depth_study.sublayer_cost(L, True, ("q",)), compare_methods.atp_cost(L, True, True, ("q",))
+        print(f"  L = {L:2d}: AtP* {block:5.1f}, per-sub-layer {sub:5.1f} forward passes per pair")
+        assert abs(sub - (4 + (2 * L - 1) + 1 + L)) < 1e-12
+
+
+def test_grid_turns_last_bit_differences_into_ties_broken_in_natural_order():
+    x = torch.tensor([1.0, 3.0, 3.0 * (1 + 4e-16), 2.0, 3.0 * (1 - 4e-16)], dtype=torch.float64)
+    on = depth_study.on_grid(x)
+    assert on[1] == on[2] == on[4]
+    assert compare_methods.rank_by_score(on).tolist() == [1, 2, 4, 3, 0]
+    assert torch.equal(depth_study.on_grid(torch.zeros(3)), torch.zeros(3))
