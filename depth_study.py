@@ -49,7 +49,7 @@ MODELS_DIR = os.path.join(HERE, "depth_models")
 
 DEPTHS = (2, 4, 8, 12)
 SEEDS_USED = 2  # models per depth: training seeds 0, 1, 2, ... in turn until this many reach MIN_ACCURACY
-MAX_SEED = 3  # ... trying seeds up to this one
+MAX_SEED = 5  # ... trying seeds up to this one
 RECIPE = dict(d_model=64, n_head=4, lr=1e-3, batch_size=128, steps=1200)
 MIN_ACCURACY = 0.95  # held-out accuracy below this: the model is not used
 
@@ -285,7 +285,7 @@ def study_table(rows, depths):
                         cells = None
                         break
                     med, worst = median_worst(v)
-                    cells.append(f"{med:.0f} / {worst:.0f}" if key == "top10" else f"{med:.2f} / {worst:.2f}")
+                    cells.append(f"{med:g} / {worst}" if key == "top10" else f"{med:.2f} / {worst:.2f}")
                 if cells is None:
                     continue
                 runs = len([r for r in rows if (r["L"], r["family"], r["method"], r["where"]) ==
@@ -354,56 +354,72 @@ def beats_lines(rows, depths):
 
 
 def plot(path, rows, summary, depths):
+    """Top row: relative cost against depth (attention, neurons), and the shrink under layer GradDrop.
+    Bottom row: the same with the method's own cost C left out, and the shrink under sub-layer GradDrop.
+    Returns False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 8))
     styles = {"AtP": ("C0", "o"), "AtP+QK fix": ("C1", "s"), "AtP*": ("C2", "^"), "AtP* (sub-layer GradDrop)": ("C3", "v")}
-    for ax, fam in zip(axes[:2], cm.FAMILIES):
-        for j, m in enumerate(METHODS):
-            xs, med, lo, hi, dist = [], [], [], [], []
-            for L in depths:
-                v = [r["rel_cost"] for r in rows if (r["L"], r["family"], r["method"], r["where"]) == (L, fam, m, "single pair")]
-                if not v:
-                    continue
-                xs.append(L * (1 + 0.03 * (j - 1.5)))  # small offsets so the bars do not overlap
-                med.append(statistics.median(v))
-                lo.append(min(v))
-                hi.append(max(v))
-                d = [r["rel_cost"] for r in rows if (r["L"], r["family"], r["method"], r["where"]) == (L, fam, m, "distribution")]
-                dist.append(statistics.median(d) if d else float("nan"))
-            color, marker = styles[m]
-            ax.errorbar(xs, med, yerr=[[a - b for a, b in zip(med, lo)], [b - a for a, b in zip(med, hi)]],
-                        color=color, marker=marker, capsize=3, lw=1.3, label=f"{m}: single pairs")
-            ax.plot(xs, dist, color=color, marker=marker, ls=":", mfc="none", lw=1, label=f"{m}: distribution")
+    select = lambda L, fam, m, where: [r for r in rows if (r["L"], r["family"], r["method"], r["where"]) == (L, fam, m, where)]
+    for row, (key, what) in enumerate((("rel_cost", "relative cost"), ("rel_cost_no_c", "relative cost, C left out"))):
+        for ax, fam in zip(axes[row, :2], cm.FAMILIES):
+            for j, m in enumerate(METHODS):
+                xs, med, lo, hi, dist = [], [], [], [], []
+                for L in depths:
+                    v = [r[key] for r in select(L, fam, m, "single pair")]
+                    if not v:
+                        continue
+                    xs.append(L * (1 + 0.03 * (j - 1.5)))  # small offsets so the bars do not overlap
+                    med.append(statistics.median(v))
+                    lo.append(min(v))
+                    hi.append(max(v))
+                    d = [r[key] for r in select(L, fam, m, "distribution")]
+                    dist.append(statistics.median(d) if d else float("nan"))
+                color, marker = styles[m]
+                ax.errorbar(xs, med, yerr=[[a - b for a, b in zip(med, lo)], [b - a for a, b in zip(med, hi)]],
+                            color=color, marker=marker, capsize=3, lw=1.3, label=f"{m}: single pairs")
+                ax.plot(xs, dist, color=color, marker=marker, ls=":", mfc="none", lw=1, label=f"{m}: distribution")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_yticks([1, 2, 3, 5, 10, 20, 40])
+            ax.set_xticks(depths, [str(L) for L in depths])
+            ax.set_xlabel("layers L")
+            ax.set_ylabel(f"{what} (1 = oracle)")
+            ax.set_title(f"{fam}: {what}", fontsize=10)
+            ax.grid(alpha=0.3, which="both", lw=0.4)
+        ax = axes[row, 2]
+        unit, terms = (("layer", "L-1"), ("sub-layer", "2L-1"))[row]
+        for fam, color in (("attention", "C4"), ("neurons", "C5")):
+            for where, ls in (("earlier", "-"), ("earlier q, z", "-"), ("earlier k, v", "-."), ("last", "--")):
+                xs = [L for L in depths if (L, fam, where) in summary]
+                if xs:
+                    ax.plot(xs, [summary[(L, fam, where)][row] for L in xs], color=color, ls=ls, marker="o",
+                            label=f"{fam}: {where}")
+        n_terms = (lambda L: L - 1) if row == 0 else (lambda L: 2 * L - 1)
+        ax.plot(depths, [1 - 1 / n_terms(L) for L in depths], color="black", lw=0.8, ls=":",
+                label=f"1 - 1/({terms}): one term removes the effect")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_xticks(depths, [str(L) for L in depths])
+        ax.set_ylim(-0.03, 1.08)
         ax.set_xlabel("layers L")
-        ax.set_ylabel("relative cost (1 = oracle)")
-        ax.set_title(f"{fam}: median over pairs and seeds, bars min-max", fontsize=10)
-        ax.grid(alpha=0.3, which="both", lw=0.4)
-    axes[0].legend(fontsize=6.5)
-    ax = axes[2]
-    for fam, color in (("attention", "C4"), ("neurons", "C5")):
-        for where, ls in (("earlier", "-"), ("earlier q, z", "-"), ("last", "--")):
-            xs = [L for L in depths if (L, fam, where) in summary]
-            ax.plot(xs, [summary[(L, fam, where)][0] for L in xs], color=color, ls=ls, marker="o",
-                    label=f"{fam}: {where}")
-    Ls = [L for L in depths if L > 1]
-    ax.plot(Ls, [1 - 1 / (L - 1) for L in Ls], color="black", lw=0.8, ls=":", label="1 - 1/(L-1)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(depths, [str(L) for L in depths])
-    ax.set_xlabel("layers L")
-    ax.set_ylabel("GradDrop score / |AtP+QK estimate| (median)")
-    ax.set_title("the shrink: layer GradDrop, nodes with a sizeable estimate", fontsize=10)
-    ax.grid(alpha=0.3, lw=0.4)
-    ax.legend(fontsize=7)
+        ax.set_ylabel("GradDrop score / |AtP+QK estimate| (median)")
+        ax.set_title(f"the shrink under {unit} GradDrop ({terms} terms)", fontsize=10)
+        ax.grid(alpha=0.3, lw=0.4)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0, 0].legend(fontsize=6.5, loc="upper left")
+    fig.suptitle("Relative cost: median over single prompt pairs and seeds (solid; bars: min to max) and the "
+                 "distribution setting (dotted). Shrink: median over nodes with a sizeable AtP+QK estimate.",
+                 fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
     return True
 
