@@ -227,9 +227,20 @@ class GPT(nn.Module):
                              f"got min {int(idx.min())}, max {int(idx.max())}")
 
     def check_hooks(self, hooks: Hooks):
-        unknown = sorted(set(hooks or {}) - set(self.site_names()))
+        if hooks is None:
+            return
+        if not isinstance(hooks, dict):
+            raise TypeError(f"hooks must be a dict {{site name: fn(tensor) -> tensor or None}}, got {type(hooks).__name__}")
+        unknown = sorted(set(hooks) - set(self.site_names()))
         if unknown:
             raise KeyError(f"unknown hook site(s) {unknown}; model.site_names() lists the valid ones")
+        not_callable = sorted(name for name, fn in hooks.items() if not callable(fn))
+        if not_callable:
+            raise TypeError(f"the hooks for {not_callable} are not callable: each must be fn(tensor) -> tensor or None")
+
+    def attention_scale(self, layer: int) -> float:
+        """The factor in scores = (q . k) * scale: 1/sqrt(d_head) in every layer of GPT-2."""
+        return self.transformer.h[layer].attn.scale
 
     def forward(self, idx: torch.Tensor, hooks: Hooks = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V) at every position."""
@@ -277,8 +288,17 @@ class GPT(nn.Module):
         config_path = os.path.join(directory, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{directory} has no config.json; expected a Hugging Face GPT-2 directory")
-        with open(config_path) as f:
-            cfg = GPTConfig.from_hf(json.load(f))
+        try:
+            with open(config_path) as f:
+                hf = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{config_path} must hold a JSON object, got {type(hf).__name__}")
+        needed = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size") if k not in hf]
+        if needed:
+            raise ValueError(f"{config_path} lacks {needed}: not a Hugging Face GPT-2 config")
+        cfg = GPTConfig.from_hf(hf)
         model = cls(cfg)
         model.load_hf_state_dict(_read_weights(directory))
         return model
@@ -314,11 +334,17 @@ def _read_weights(directory: str) -> Dict[str, torch.Tensor]:
     bin_ = os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(st):
         from safetensors.torch import load_file  # lazy: only needed for this file format
-        return load_file(st)
+        try:
+            return load_file(st)
+        except Exception as e:  # truncated or not a safetensors file at all
+            raise ValueError(f"{st} could not be read as a safetensors file ({type(e).__name__}: {e})") from None
     if os.path.isfile(bin_):
-        sd = torch.load(bin_, map_location="cpu", weights_only=True)
-        if not isinstance(sd, dict):
-            raise ValueError(f"{bin_} does not hold a state_dict")
+        try:
+            sd = torch.load(bin_, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, garbage, or a pickle of something other than tensors
+            raise ValueError(f"{bin_} could not be read as a PyTorch state_dict ({type(e).__name__})") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{bin_} does not hold a state_dict of tensors")
         return sd
     raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
 

@@ -1,14 +1,16 @@
-"""Tests for atp_minimal.py: an exactness ladder from the definitions in the paper notes (§1-4, §9-10).
+"""Tests for atp_minimal.py: an exactness ladder from the definitions of the paper (§2 Background, §3 Methods).
 
-Every oracle here is written from the definitions, by brute force, and uses only model.py's per-call
-hooks (`model(idx, hooks={site: fn})`) plus atp_minimal's public API under test:
+The brute-force forms are atp_minimal's own Part I reference functions (activation_patching_reference,
+patch_nodes, atp_estimates_reference, query_fix, key_fix_reference, grad_drop_scores_reference, ...);
+the ladder checks them against exact patching and calculus, and checks every Part II fast form against
+its Part I twin (see also tests/test_reference.py):
 
   1. clean == noise: every effect and every estimate is exactly 0.
   2. AtP = directional derivative of the metric along Delta (finite differences), and = exact patching
      where the model is linear in the node.
-  3. QK fix = brute-force softmax recomputation, O(T^3), in the model and on extreme synthetic rows.
+  3. fast key fix (O(T^2)) = literal key fix (O(T^3)), in the model and on extreme synthetic rows.
   4. one-layer attention-only model, linear readout: QK-fixed q/k estimates = exact patching.
-  5. GradDrop: a built cancellation, a naive per-layer detach oracle, hand-worked (L-1) arithmetic.
+  5. GradDrop: a built cancellation, the literal per-layer detach form, hand-worked (L-1) arithmetic.
   6. batching, chunking, positions="all" and patch_node_sets agree with one-at-a-time patching.
   7. against exhaustive patching on random 4- and 5-layer GPT-2s: recall@K and verification cost (printed).
   8. bad input raises a clear error; training mode changes nothing and is restored.
@@ -91,29 +93,9 @@ def units(model, kind):
     return model.config.d_mlp if kind == "neuron" else model.config.n_head
 
 
-def run(model, idx, read=(), write=None, grad=False):
-    """One forward: returns logits and {site: tensor} for the `read` sites (the very tensors the
-    forward consumed, so autograd.grad can differentiate with respect to them). `write` adds more hooks."""
-    cache, hooks = {}, dict(write or {})
-    for name in read:
-        assert name not in hooks
-        hooks[name] = lambda t, name=name: cache.__setitem__(name, t)
-    with torch.set_grad_enabled(grad):
-        logits = model(idx, hooks=hooks)
-    return logits, cache
-
-
-def gradients(model, clean, metric, names, write=None):
-    """dmetric/dsite on the clean run for the named sites (summed over pairs: pairs are independent
-    rows, so each row of the result is that pair's own gradient). Unused sites get zeros."""
-    logits, cache = run(model, clean, names, write=write, grad=True)
-    values = metric(logits)  # (B,)
-    grads = torch.autograd.grad(values.sum(), [cache[n] for n in names], allow_unused=True)
-    return {n: (g if g is not None else torch.zeros_like(cache[n])) for n, g in zip(names, grads)}
-
-
 def node_values(model, idx, kinds):
-    _, cache = run(model, idx, [site_of(k, l) for k in kinds for l in range(model.config.n_layer)])
+    with torch.no_grad():
+        _, cache = atp.run_with_cache(model, idx, [site_of(k, l) for k in kinds for l in range(model.config.n_layer)])
     return cache
 
 
@@ -138,104 +120,7 @@ def zero_(module):
         module.bias.zero_()
 
 
-# --- brute-force oracles written from the definitions
-
-
-def exact_effect(model, clean, noise, metric, kind, layer, pos, unit):
-    """I(n) = metric(clean | do(n <- n(noise))) - metric(clean), with positions "each" (pos an int) or
-    "all" (pos None: the unit at every position at once). Returns (B,)."""
-    name = site_of(kind, layer)
-    noise_val = node_values(model, noise, [kind])[name]
-    where = (slice(None), slice(None) if pos is None else pos, unit)
-
-    def patch(t):
-        t = t.clone()
-        t[where] = noise_val[where]
-        return t
-
-    with torch.no_grad():
-        return metric(model(clean, hooks={name: patch})) - metric(model(clean))
-
-
-def softmax_rows(x):
-    return torch.softmax(x, dim=-1)
-
-
-def qk_oracle(kind, q_c, q_n, k_c, k_n, G, scale, positions="each"):
-    """Brute-force QK fix, from the definitions (notes §3.2). q, k: (B, T, H, Dh); G = dL/dpattern
-    (B, H, T, S). For every query row t the causal softmax over keys s <= t is recomputed in full:
-      query q_t:        row t with the noise query and clean keys;
-      key k_s (each):   row t (for every t >= s) with ONLY logit s replaced by q_t(clean).k_s(noise)*scale;
-      key (all):        row t with ALL keys noise;
-    then linearised at the pattern: sum_s' (a_new - a) * G[t, s']. O(T^3) per head.
-    Returns (B, T, H) for positions="each", (B, H) for "all" (the query rows simply add up)."""
-    Qc, Qn, Kc, Kn = (x.transpose(1, 2) for x in (q_c, q_n, k_c, k_n))  # (B, H, T, Dh)
-    B, H, T, _ = Qc.shape
-    out = torch.zeros(B, H, T, dtype=G.dtype)
-    for t in range(T):
-        clean_row = (Qc[:, :, t, None, :] * Kc[:, :, :t + 1, :]).sum(-1) * scale  # (B, H, t+1)
-        a = softmax_rows(clean_row)
-        g = G[:, :, t, :t + 1]  # (B, H, t+1): only the keys query t can see
-        if kind == "q":
-            new_row = (Qn[:, :, t, None, :] * Kc[:, :, :t + 1, :]).sum(-1) * scale
-            out[:, :, t] = ((softmax_rows(new_row) - a) * g).sum(-1)
-        elif positions == "all":
-            new_row = (Qc[:, :, t, None, :] * Kn[:, :, :t + 1, :]).sum(-1) * scale
-            out[:, :, t] = ((softmax_rows(new_row) - a) * g).sum(-1)
-        else:
-            for s in range(t + 1):
-                new_row = clean_row.clone()
-                new_row[:, :, s] = (Qc[:, :, t, :] * Kn[:, :, s, :]).sum(-1) * scale
-                out[:, :, s] += ((softmax_rows(new_row) - a) * g).sum(-1)  # query t's share of key s
-    return out.sum(-1) if positions == "all" else out.transpose(1, 2)
-
-
-def qk_oracle_in_model(model, clean, noise, metric, kind, positions="each", write=None):
-    """The QK oracle for every layer of a real model: (B, L, T, H), or (B, L, H) for "all".
-    G comes from one clean backward pass (with extra hooks `write`, e.g. GradDrop's detach)."""
-    L = model.config.n_layer
-    qk = [f"blocks.{l}.attn.hook_{s}" for l in range(L) for s in ("q", "k")]
-    _, nz = run(model, noise, qk)
-    _, cl = run(model, clean, qk)
-    G = gradients(model, clean, metric, [pattern_site(l) for l in range(L)], write=write)
-    scale = model.config.d_head ** -0.5
-    per_layer = []
-    for l in range(L):
-        qs, ks = f"blocks.{l}.attn.hook_q", f"blocks.{l}.attn.hook_k"
-        per_layer.append(qk_oracle(kind, cl[qs], nz[qs], cl[ks], nz[ks], G[pattern_site(l)], scale, positions))
-    return torch.stack(per_layer, 1)
-
-
-def plain_atp_oracle(model, clean, noise, metric, kinds, positions="each", write=None):
-    """Delta . g per node (notes §2), g from a clean backward with optional extra hooks."""
-    L = model.config.n_layer
-    names = [site_of(k, l) for k in kinds for l in range(L)]
-    c, n = node_values(model, clean, kinds), node_values(model, noise, kinds)
-    g = gradients(model, clean, metric, names, write=write)
-    out = {}
-    for k in kinds:
-        per_layer = [dot_over_features(n[site_of(k, l)] - c[site_of(k, l)], g[site_of(k, l)]) for l in range(L)]
-        est = torch.stack(per_layer, 1)  # (B, L, T, U)
-        out[k] = est.sum(2) if positions == "all" else est
-    return out
-
-
-def grad_drop_oracle(model, clean, noise, metric, kinds, qk_fix, positions="each"):
-    """Naive GradDrop (notes §4.2), one full fresh forward + backward per dropped layer l, with
-    `t.detach()` on blocks.{l}.hook_attn_out and blocks.{l}.hook_mlp_out (the layer's whole residual
-    write): score = sum_l |I_hat_l(n)| / (L-1), |.| per pair and per layer."""
-    L = model.config.n_layer
-    total = None
-    for drop in range(L):
-        detach = {f"blocks.{drop}.hook_attn_out": lambda t: t.detach(),
-                  f"blocks.{drop}.hook_mlp_out": lambda t: t.detach()}
-        est = plain_atp_oracle(model, clean, noise, metric, kinds, positions, write=detach)
-        if qk_fix:
-            for k in set(kinds) & {"q", "k"}:
-                est[k] = qk_oracle_in_model(model, clean, noise, metric, k, positions, detach)
-        total = {k: v.abs() for k, v in est.items()} if total is None else \
-            {k: total[k] + est[k].abs() for k in kinds}
-    return {k: v / (L - 1) for k, v in total.items()}
+# --- synthetic query/key rows
 
 
 def synthetic_qk(Z, Zq, Zk, scale):
@@ -252,10 +137,7 @@ def synthetic_qk(Z, Zq, Zk, scale):
     return tuple(x.transpose(1, 2).contiguous() for x in (q_c, q_n, k_c, k_n))
 
 
-def causal_scores(q, k, scale):
-    T = q.shape[1]
-    scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale  # (B, H, T, S)
-    return scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+causal_scores = atp.causal_scores
 
 
 # --- 1. clean == noise
@@ -309,13 +191,13 @@ def test_key_fix_and_query_fix_are_exactly_zero_when_nothing_moves():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64)
     G = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
-    scores = causal_scores(q, k, 0.5)
     for positions in ("each", "all"):
-        kf = atp.key_fix(q, k, k.clone(), scores, G, 0.5, positions)
-        qf = atp.query_fix(q, q.clone(), k, scores, G, 0.5, positions)
-        print(f"  positions={positions}: max |key_fix| = {kf.abs().max().item():.3g}, "
-              f"max |query_fix| = {qf.abs().max().item():.3g}")
-        assert (kf == 0).all() and (qf == 0).all()
+        kf = atp.key_fix(q, k, k.clone(), G, 0.5, positions)
+        kr = atp.key_fix_reference(q, k, k.clone(), G, 0.5, positions)
+        qf = atp.query_fix(q, q.clone(), k, G, 0.5, positions)
+        print(f"  positions={positions}: max |key_fix| = {kf.abs().max().item():.3g}, max |key_fix_reference| = "
+              f"{kr.abs().max().item():.3g}, max |query_fix| = {qf.abs().max().item():.3g}")
+        assert (kf == 0).all() and (kr == 0).all() and (qf == 0).all()
 
 
 # --- 2. AtP is the first-order term
@@ -380,20 +262,21 @@ def test_atp_equals_exact_patching_where_the_model_is_linear_in_the_node():
 
 
 @pytest.mark.parametrize("positions", ["each", "all"])
-def test_qk_fix_equals_brute_force_softmax_recomputation_in_a_model(positions):
+def test_fast_qk_fix_equals_the_literal_softmax_recomputation_in_a_model(positions):
     model = random_gpt(4, n_layer=3, n_head=2, n_embd=16, std=0.8)  # std 0.8: many saturated rows
     clean, noise = prompts(model, B=2, T=6, seed=4)
     metric = atp.neg_log_prob(2)
     est = atp.attribution_patching(model, clean, noise, metric, kinds=("q", "k"), qk_fix=True, positions=positions)
-    _, cl = run(model, clean, [pattern_site(l) for l in range(model.config.n_layer)])
+    with torch.no_grad():
+        _, cl = atp.run_with_cache(model, clean, [pattern_site(l) for l in range(model.config.n_layer)])
     top = torch.stack([cl[pattern_site(l)].max(-1).values for l in range(model.config.n_layer)])
     print(f"  rows with max prob > 1 - 1e-6: {(top > 1 - 1e-6).float().mean():.0%}")
     for kind in ("q", "k"):
-        want = qk_oracle_in_model(model, clean, noise, metric, kind, positions)
+        want = atp.atp_estimates_reference(model, clean, noise, metric, (kind,), qk_fix=True, positions=positions)[kind]
         diff = max_abs(est[kind], want)
         alone = atp.attribution_patching(model, clean, noise, metric, kinds=(kind,), qk_fix=True,
                                          positions=positions)[kind]  # asking for one kind changes nothing
-        print(f"  {kind} positions={positions}: max |QK fix - brute force| = {diff:.2e}"
+        print(f"  {kind} positions={positions}: max |QK fix - literal QK fix| = {diff:.2e}"
               f"  (max |estimate| {want.abs().max():.3f}); kinds=('{kind}',) alone: {max_abs(alone, want):.2e}")
         assert diff < QK_TOL and max_abs(alone, want) < QK_TOL
 
@@ -429,7 +312,7 @@ def extreme_score_cases(T=7, B=2, H=3):
 
 
 @pytest.mark.parametrize("case", list(extreme_score_cases()))
-def test_key_fix_and_query_fix_equal_brute_force_on_extreme_rows(case):
+def test_fast_key_fix_equals_the_literal_key_fix_on_extreme_rows(case):
     Z, Zq, Zk = extreme_score_cases()[case]
     scale = 0.35
     q_c, q_n, k_c, k_n = synthetic_qk(Z, Zq, Zk, scale)
@@ -441,17 +324,16 @@ def test_key_fix_and_query_fix_equal_brute_force_on_extreme_rows(case):
           f"{int(((a == 0) & ~torch.isinf(scores)).sum())}, of which the key patch makes dominant "
           f"{int(((a == 0) & ~torch.isinf(scores) & (Zk > scores.max(-1, keepdim=True).values)).sum())}")
     for positions in ("each", "all"):
-        kf = atp.key_fix(q_c, k_c, k_n, scores, G, scale, positions)
-        qf = atp.query_fix(q_c, q_n, k_c, scores, G, scale, positions)
-        kw = qk_oracle("k", q_c, q_n, k_c, k_n, G, scale, positions)
-        qw = qk_oracle("q", q_c, q_n, k_c, k_n, G, scale, positions)
-        dk, dq = max_abs(kf, kw), max_abs(qf, qw)
-        print(f"    positions={positions}: key fix max diff {dk:.2e} (max |est| {kw.abs().max():.2f}), "
-              f"query fix max diff {dq:.2e} (max |est| {qw.abs().max():.2f})")
-        assert torch.isfinite(kf).all() and torch.isfinite(qf).all()
-        assert dk < QK_TOL and dq < QK_TOL
+        kf = atp.key_fix(q_c, k_c, k_n, G, scale, positions)
+        kw = atp.key_fix_reference(q_c, k_c, k_n, G, scale, positions)
+        qf = atp.query_fix(q_c, q_n, k_c, G, scale, positions)
+        dk = max_abs(kf, kw)
+        print(f"    positions={positions}: fast key fix - literal key fix: max diff {dk:.2e} (max |est| "
+              f"{kw.abs().max():.2f}); query fix finite: {bool(torch.isfinite(qf).all())}")
+        assert torch.isfinite(kf).all() and torch.isfinite(kw).all() and torch.isfinite(qf).all()
+        assert dk < QK_TOL
     # row t = 0 sees only key 0, so its query estimate is exactly 0 whatever the patch
-    assert (atp.query_fix(q_c, q_n, k_c, scores, G, scale)[:, 0] == 0).all()
+    assert (atp.query_fix(q_c, q_n, k_c, G, scale)[:, 0] == 0).all()
 
 
 def test_single_visible_key_rows_contribute_exactly_zero():
@@ -459,11 +341,12 @@ def test_single_visible_key_rows_contribute_exactly_zero():
     g = torch.Generator().manual_seed(7)
     q_c, q_n, k_c, k_n = (torch.randn(2, T, 3, 4, generator=g, dtype=torch.float64) * 50 for _ in range(4))
     G = torch.randn(2, 3, T, T, generator=g, dtype=torch.float64)
-    scores = causal_scores(q_c, k_c, 0.5)
-    kf = atp.key_fix(q_c, k_c, k_n, scores, G, 0.5)
-    qf = atp.query_fix(q_c, q_n, k_c, scores, G, 0.5)
-    print(f"  T=1: key fix {kf.abs().max().item():.3g}, query fix {qf.abs().max().item():.3g}")
-    assert (kf == 0).all() and (qf == 0).all()
+    kf = atp.key_fix(q_c, k_c, k_n, G, 0.5)
+    kr = atp.key_fix_reference(q_c, k_c, k_n, G, 0.5)
+    qf = atp.query_fix(q_c, q_n, k_c, G, 0.5)
+    print(f"  T=1: key fix {kf.abs().max().item():.3g}, literal key fix {kr.abs().max().item():.3g}, "
+          f"query fix {qf.abs().max().item():.3g}")
+    assert (kf == 0).all() and (kr == 0).all() and (qf == 0).all()
 
 
 # --- 4. a one-layer attention-only model: the QK fix is exact
@@ -541,7 +424,7 @@ def test_grad_drop_recovers_a_node_whose_direct_and_indirect_effects_cancel():
     clean, noise = torch.tensor([[0]]), torch.tensor([[1]])
     metric = atp.logit_diff(2, 3)
     true = atp.activation_patching(model, clean, noise, metric, kinds=("neuron",))["neuron"][0, 0, 0, 0].item()
-    own = exact_effect(model, clean, noise, metric, "neuron", 0, 0, 0).item()
+    own = atp.patch_nodes(model, clean, noise, metric, [("neuron", 0, 0, 0)]).item()
     plain = atp.attribution_patching(model, clean, noise, metric, kinds=("neuron",))["neuron"][0, 0, 0, 0].item()
     star = atp.atp_star(model, clean, noise, metric, kinds=("neuron",))["neuron"][0, 0, 0, 0].item()
     # by hand: drop 0 -> 0 (own layer); drop 1 -> direct path only, |Delta * 1| = x_c; drop 2 (an empty
@@ -555,16 +438,16 @@ def test_grad_drop_recovers_a_node_whose_direct_and_indirect_effects_cancel():
 
 
 @pytest.mark.parametrize("positions", ["each", "all"])
-def test_grad_drop_equals_a_naive_detach_per_layer_implementation(positions):
+def test_fast_grad_drop_equals_the_literal_detach_per_layer_form(positions):
     model = random_gpt(10, n_layer=3, n_head=2, n_embd=16, std=0.6)
     clean, noise = prompts(model, B=2, T=5, seed=10)
     metric = atp.neg_log_prob(4)
     for qk in (False, True):
         got = atp.attribution_patching(model, clean, noise, metric, qk_fix=qk, grad_drop=True, positions=positions)
-        want = grad_drop_oracle(model, clean, noise, metric, atp.KINDS, qk_fix=qk, positions=positions)
+        want = atp.grad_drop_scores_reference(model, clean, noise, metric, atp.KINDS, qk_fix=qk, positions=positions)
         for kind in atp.KINDS:
             diff = max_abs(got[kind], want[kind])
-            print(f"  qk_fix={qk!s:5s} {kind:6s} positions={positions}: max |GradDrop - naive| = {diff:.2e}"
+            print(f"  qk_fix={qk!s:5s} {kind:6s} positions={positions}: max |GradDrop - literal| = {diff:.2e}"
                   f"  (max score {want[kind].max():.3f})")
             assert diff < GRAD_DROP_TOL
 
@@ -596,8 +479,7 @@ def test_grad_drop_arithmetic_on_hand_worked_cases():
     metric = atp.neg_log_prob(3)
     plain = atp.attribution_patching(model, clean, noise, metric)
     drop = atp.attribution_patching(model, clean, noise, metric, grad_drop=True)
-    detach1 = {"blocks.1.hook_attn_out": lambda t: t.detach(), "blocks.1.hook_mlp_out": lambda t: t.detach()}
-    drop1 = plain_atp_oracle(model, clean, noise, metric, atp.KINDS, write=detach1)
+    drop1 = atp.atp_estimates_reference(model, clean, noise, metric, detach=["blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"])
     for kind in atp.KINDS:
         want = {0: (drop1[kind][:, 0].abs() + 2 * plain[kind][:, 0].abs()) / 3, 1: plain[kind][:, 1].abs(),
                 2: torch.zeros_like(plain[kind][:, 2]), 3: torch.zeros_like(plain[kind][:, 3])}
@@ -664,11 +546,11 @@ def test_whole_position_patching_equals_patching_every_position_with_a_hook():
     got = atp.activation_patching(model, clean, noise, metric, positions="all")
     each = atp.activation_patching(model, clean, noise, metric, positions="each")
     for kind in atp.KINDS:
-        want = torch.stack([torch.stack([exact_effect(model, clean, noise, metric, kind, l, None, u)
+        want = torch.stack([torch.stack([atp.patch_nodes(model, clean, noise, metric, [(kind, l, u)])
                                          for u in range(units(model, kind))], -1)
                             for l in range(model.config.n_layer)], 1)  # (B, L, U)
         # single-position nodes, spot-checked with the same hook
-        spot = exact_effect(model, clean, noise, metric, kind, 1, 2, 1)
+        spot = atp.patch_nodes(model, clean, noise, metric, [(kind, 1, 2, 1)])
         diff, spot_diff = max_abs(got[kind], want), max_abs(each[kind][:, 1, 2, 1], spot)
         print(f"  {kind:6s}: positions='all' vs own hook {diff:.1e}; one 'each' node vs own hook {spot_diff:.1e}")
         assert diff < BATCH_TOL and spot_diff < BATCH_TOL
@@ -788,7 +670,7 @@ def test_bad_input_raises_a_clear_error():
         ("negative id", dict(clean=clean.clone().fill_(-1), noise=noise), "token ids must lie"),
         ("T > n_positions", dict(clean=torch.zeros(2, 9, dtype=torch.long),
                                  noise=torch.ones(2, 9, dtype=torch.long)), "n_positions"),
-        ("unknown kind", dict(kinds=("q", "mlp_out")), "unknown node kinds"),
+        ("unknown kind", dict(kinds=("q", "mlp_out")), "each node kind once"),
         ("metric (B, 1)", dict(metric=lambda lg: good(lg)[:, None]), "one value per prompt pair"),
         ("metric scalar", dict(metric=lambda lg: good(lg).sum()), "one value per prompt pair"),
         ("metric NaN", dict(metric=lambda lg: good(lg) * float("nan")), "non-finite"),

@@ -1,4 +1,4 @@
-"""Verify-then-bound (paper §5): subset statistics, the Welch bound, and its coverage.
+"""Verify-then-bound (the paper's diagnostic, §3 Methods; Algorithm 1, subset sampling): subset statistics, the Welch bound, and its coverage.
 
 Run with `pytest -s tests/test_bound.py` to see the evidence each test prints."""
 

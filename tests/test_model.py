@@ -19,7 +19,7 @@ from model import GPT, get_tokenizer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-# The tiny config from STYLE.md §8.12a, and an odd one: 2 heads of 12 dims, an MLP width that is not 4*D.
+# A tiny config (2 layers, 4 heads, d_model 32), and an odd one: 2 heads of 12 dims, an MLP width that is not 4*D.
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=64, n_positions=16)
 ODD = dict(n_layer=3, n_head=2, n_embd=24, vocab_size=50, n_positions=12, n_inner=40)
 

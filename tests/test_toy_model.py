@@ -1,7 +1,7 @@
 """
 Checks on the shipped toy IOI model (toy_model/, written by `python toy_ioi.py`): its prompt pairs are
 well formed, it solves IOI prompts for name pairs it never saw together, and its attention saturates,
-the regime the AtP* QK fix (§3) is for. `pytest -s tests/test_toy_model.py` prints the numbers.
+the regime the AtP* QK fix (paper §3 Methods) is for. `pytest -s tests/test_toy_model.py` prints the numbers.
 """
 
 import itertools
