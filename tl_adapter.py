@@ -107,9 +107,7 @@ class HookedTransformerAdapter(torch.nn.Module):
             if len(past) != L - layer:
                 raise ValueError(f"past needs one entry per layer from {layer} on, got {len(past)}")
             P = past[0][0].shape[1]
-            if self.rotary and OLD_CORE_PASSES_ROTATED_KEYS:  # TEMPORARY, see below
-                past = [(self.unrotate(layer + i, k), v) for i, (k, v) in enumerate(past)]
-            cache = kv_cache(self.model, [(k, v) for k, v in past], layer, P)
+            cache = kv_cache(past, layer, P)
         with self.model.hooks(fwd_hooks=self.tl_hooks(hooks, P)):
             if not last_position_only:
                 return self.model(resid, start_at_layer=layer, past_kv_cache=cache)  # (n, T', V)
@@ -141,34 +139,6 @@ class HookedTransformerAdapter(torch.nn.Module):
             out.append((tl, tl_hook(name, fn, cut)))
         return out
 
-    # --- TEMPORARY compatibility with the current atp_minimal.py (model.GPT's interface); remove
-    # --- when atp_minimal.py requires only the model protocol.
-
-    def check_tokens(self, idx):
-        T = idx.shape[1]
-        if idx.dim() != 2 or T == 0 or T > self.config.n_positions:
-            raise ValueError(f"token ids must be (B, T) with 1 <= T <= {self.config.n_positions}")
-        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-
-    @property
-    def transformer(self):  # model.transformer.h[l].attn.scale
-        from types import SimpleNamespace as NS
-        return NS(h=[NS(attn=NS(scale=self.attention_scale(l))) for l in range(self.config.n_layer)])
-
-    def unrotate(self, layer, k):
-        """The current core passes the keys of attn.hook_k (rotated) as `past`, ignoring resume_sites;
-        TransformerLens's cache wants them unrotated. Rotary is x cos + rot(x) sin; its inverse is
-        x cos - rot(x) sin. k: (n, P, H, Dh)."""
-        attn = self.model.blocks[layer].attn
-        r = self.model.cfg.rotary_dim
-        cos, sin = attn.rotary_cos[None, :k.shape[1], None, :], attn.rotary_sin[None, :k.shape[1], None, :]
-        x = k[..., :r]
-        return torch.cat([x * cos - attn.rotate_every_two(x) * sin, k[..., r:]], dim=-1)
-
-
-OLD_CORE_PASSES_ROTATED_KEYS = True  # TEMPORARY: False (and delete unrotate) with the protocol core
-
 
 def tl_hook(name, fn, cut=0):
     """Our hook fn(tensor) -> None | tensor as a TransformerLens hook fn(tensor, hook). cut: leading
@@ -186,7 +156,7 @@ def tl_hook(name, fn, cut=0):
     return hook
 
 
-def kv_cache(model, past, layer, P):
+def kv_cache(past, layer, P):
     """A frozen TransformerLens key-value cache: the given (k, v), each (n, P, H, Dh), for layers
     layer..L-1; empty entries before (never read, as the run starts at `layer`)."""
     try:  # 3.x
