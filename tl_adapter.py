@@ -13,8 +13,8 @@ References:
 2) TransformerLens, https://github.com/TransformerLensOrg/TransformerLens: HookedTransformer.forward
    (start_at_layer, past_kv_cache), components/abstract_attention.py (hook_rot_q, attn_scale)
 
-TransformerLens versions: 3.9 (tested in CI) and 2.18, the last lines that have HookedTransformer
-(4.x replaced it with TransformerBridge). Others are refused with a clear error.
+TransformerLens versions: 3.9 (tested in CI) and 2.18 (its tests pass there too), the last lines that
+have HookedTransformer (4.x replaced it with TransformerBridge). Others are refused with a clear error.
 
 Sites (ours -> TransformerLens). Our names are TransformerLens's, with one exception: our q and k
 are the vectors whose dot product IS the attention score, so on rotary models (Pythia, GPT-NeoX)
@@ -90,8 +90,8 @@ class HookedTransformerAdapter(torch.nn.Module):
     def forward(self, idx, hooks=None):
         """idx (B, T) token ids -> logits (B, T, V). hooks: our site name -> fn(tensor) -> None or a
         replacement. A hook is given the very tensor that the rest of the forward consumes."""
-        # padding_side="right": with a left-padding tokenizer, TransformerLens would mask every token
-        # equal to the pad token (often BOS); our prompts are plain token tensors, never padded.
+        # padding_side="right": with a left-padding tokenizer, TransformerLens would build an attention
+        # mask from the pad token (often BOS's id too); our prompts are token tensors, never padded.
         return self.model.run_with_hooks(idx, fwd_hooks=self.tl_hooks(hooks), padding_side="right")
 
     def forward_from(self, layer, resid, hooks=None, past=None, last_position_only=False):
@@ -227,9 +227,9 @@ def check_architecture(model):
     for l, block in enumerate(model.blocks):
         if type(block.attn).__name__ != "Attention":
             problems.append(f"block {l} attention is {type(block.attn).__name__}, not Attention")
-        if type(getattr(block, "mlp", None)).__name__ not in ("MLP", "GatedMLP"):
-            problems.append(f"block {l} MLP is {type(getattr(block, 'mlp', None)).__name__} (neurons are "
-                            f"mlp.hook_post of a dense MLP)")
+        if type(getattr(block, "mlp", None)).__name__ != "MLP":
+            problems.append(f"block {l} MLP is {type(getattr(block, 'mlp', None)).__name__}, not MLP (neurons are "
+                            f"mlp.hook_post of a dense, ungated MLP; gated and mixture-of-experts MLPs are untested)")
     if problems:
         raise ValueError("tl_adapter cannot handle this HookedTransformer correctly:\n  " + "\n  ".join(problems))
 

@@ -424,6 +424,7 @@ REFUSED = {
     "local attention": (dict(attn_types=["global", "local", "global"], window_size=2), "attn_types"),
     "score soft cap": (dict(attn_scores_soft_cap=50.0), "attn_scores_soft_cap"),
     "split q/k/v input": (dict(use_split_qkv_input=True), "use_split_qkv_input"),
+    "gated MLP": (dict(gated_mlp=True), "GatedMLP"),
 }
 
 
