@@ -93,11 +93,10 @@ def max_diff(a, b):
 # --- TransformerLens's own view: native hook names, no adapter
 
 
-def tl_site(model, kind, layer, rotated=False):
-    """TransformerLens's hook for a node kind. rotated: the q/k the scores use (hook_rot_q on rotary)."""
-    rot = "rot_" if rotated and model.cfg.positional_embedding_type == "rotary" else ""
-    return f"blocks.{layer}." + {"q": f"attn.hook_{rot}q", "k": f"attn.hook_{rot}k", "v": "attn.hook_v",
-                                 "z": "attn.hook_z", "neuron": "mlp.hook_post"}[kind]
+def tl_qk_site(model, kind, layer):
+    """TransformerLens's hook for the q or k the scores use: hook_rot_q/k on rotary models, else hook_q/k."""
+    rot = "rot_" if model.cfg.positional_embedding_type == "rotary" else ""
+    return f"blocks.{layer}.attn.hook_{rot}{kind}"
 
 
 def tl_run(model, idx, names, extra_hooks=(), grad=False):
@@ -142,8 +141,8 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
         assert cache[name].dtype == torch.float64
     for l in range(L - 1):  # GradDrop's fast path: resid_pre of block l+1 is resid_post of block l itself
         assert cache[f"blocks.{l + 1}.hook_resid_pre"] is cache[f"blocks.{l}.hook_resid_post"]
-    _, native = tl_run(model, clean, [tl_site(model, k, l, rotated=True) for k in ("q", "k") for l in range(L)])
-    diff = max(max_diff(cache[f"blocks.{l}.attn.hook_{k}"], native[tl_site(model, k, l, rotated=True)])
+    _, native = tl_run(model, clean, [tl_qk_site(model, k, l) for k in ("q", "k") for l in range(L)])
+    diff = max(max_diff(cache[f"blocks.{l}.attn.hook_{k}"], native[tl_qk_site(model, k, l)])
                for k in ("q", "k") for l in range(L))
     assert diff == 0.0, "our q/k must be TransformerLens's " + ("hook_rot_q/k" if style == "pythia" else "hook_q/k")
     # A reading hook's tensor is the very one consumed: the gradient with respect to the cached q equals
@@ -153,7 +152,7 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
         logits, c = atp.run_with_cache(adapted, clean, ["blocks.1.attn.hook_q"], hooks=start)
         g_ours, = torch.autograd.grad(metric(logits).sum(), [c["blocks.1.attn.hook_q"]])
         leaf = {}
-        swap = (tl_site(model, "q", 1, rotated=True),
+        swap = (tl_qk_site(model, "q", 1),
                 lambda t, hook: leaf.setdefault("q", t.detach().clone().requires_grad_(True)))
         g_tl, = torch.autograd.grad(metric(tl_run(model, clean, [], [swap], grad=True)[0]).sum(), [leaf["q"]])
     grad_diff = max_diff(g_ours, g_tl)
