@@ -810,5 +810,83 @@ def main(argv=None):
         print(f"wrote {path}")
 
 
+# --------------------------------------------------------------------------------------------------
+# --- exact patching on a TransformerLens model: tl_adapter's resumed sweep vs TransformerLens's helpers
+
+
+def bench_tl_adapter(T=16, sample=24, seed=0, threads=1, out=os.path.join(HERE, "results", "bench_tl_adapter.md")):
+    """Seconds per patched node, same process: atp_minimal.activation_patching on tl_adapter.adapt(model)
+    (batched nodes, resumed at the patched layer and position through TransformerLens's start_at_layer
+    and key-value cache, last-position logits only) against transformer_lens.patching's
+    get_act_patch_attn_head_{q,k,v,out}_by_pos (one full run_with_hooks forward per node), on a random
+    GPT-2-small-shaped HookedTransformer (float32, CPU), one prompt pair of T random tokens whose noise
+    prompt differs at position 0 (so every node moves and neither side can skip one). Ours sweeps every
+    node of a kind; TransformerLens's helpers a random sample of `sample` nodes per kind (index_df), whose
+    effects are also compared with ours. Writes a markdown table to `out`."""
+    import pandas as pd
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import patching as tl_patching
+    import tl_adapter
+    torch.set_num_threads(threads)
+    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
+                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LN", seed=seed)
+    model = HookedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, cfg.d_vocab, (1, T), generator=g)
+    noise = clean.clone()
+    noise[0, 0] = (clean[0, 0] + 1) % cfg.d_vocab
+    noise[0, T // 2] = (clean[0, T // 2] + 1) % cfg.d_vocab
+    metric = atp.logit_diff(11, 22)  # logit of token 11 minus token 22 at the last position
+    adapted = tl_adapter.adapt(model)
+    tl_patching.tqdm = lambda items, **kwargs: items  # no progress bars in the timings
+    helpers = {"q": tl_patching.get_act_patch_attn_head_q_by_pos, "k": tl_patching.get_act_patch_attn_head_k_by_pos,
+               "v": tl_patching.get_act_patch_attn_head_v_by_pos, "z": tl_patching.get_act_patch_attn_head_out_by_pos}
+    with torch.no_grad():
+        base = metric(model(clean)).item()
+        _, noise_cache = model.run_with_cache(noise)
+    rows, total_ours, total_theirs = [], 0.0, 0.0
+    for kind, helper in helpers.items():
+        start = time.perf_counter()
+        ours = atp.activation_patching(adapted, clean, noise, metric, kinds=(kind,), progress=False)[kind][0]  # (L, T, H)
+        ours_s = (time.perf_counter() - start) / ours.numel()
+        index = torch.randperm(ours.numel(), generator=g)[:sample]
+        l, t, h = (index // (T * cfg.n_heads)), (index // cfg.n_heads) % T, index % cfg.n_heads
+        index_df = pd.DataFrame({"layer": l.tolist(), "pos": t.tolist(), "head": h.tolist()})
+        start = time.perf_counter()
+        theirs = helper(model, clean, noise_cache, lambda logits: metric(logits).sum(),
+                        index_axis_names=None, index_df=index_df) - base
+        theirs_s = (time.perf_counter() - start) / sample
+        diff = (ours[l, t, h] - theirs).abs().max().item()
+        rows.append(f"| {kind} | {ours.numel()} | {1000 * ours_s:.2f} | {sample} | {1000 * theirs_s:.2f} | "
+                    f"{theirs_s / ours_s:.1f}x | {diff:.1e} |")
+        total_ours, total_theirs = total_ours + ours_s, total_theirs + theirs_s
+        print(rows[-1], flush=True)
+    lines = ["# Exact patching on a TransformerLens model: tl_adapter vs transformer_lens.patching", "",
+             f"`python bench.py --tl-adapter`: random GPT-2-small-shaped HookedTransformer (12 layers, 12 heads, "
+             f"d_model 768, vocab 50257), float32, CPU, {threads} thread(s), transformer-lens "
+             f"{tl_adapter.version('transformer-lens')}, torch {torch.__version__}. One prompt pair, T = {T}, noise "
+             f"differs at positions 0 and {T // 2}; metric: logit difference at the last position. Ours: every node "
+             f"of the kind; TransformerLens: {sample} random nodes of it. Max diff: our effect minus theirs on "
+             f"those nodes (float32).", "",
+             "| kind | nodes (ours) | ms/node (ours) | nodes (TL) | ms/node (TL) | speed-up | max diff |",
+             "|---|---|---|---|---|---|---|"] + rows + ["",
+             f"Mean over the four kinds: {total_theirs / total_ours:.1f}x fewer seconds per node than "
+             f"TransformerLens's helpers."]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
-    main()
+    if "--tl-adapter" in sys.argv[1:]:  # python bench.py --tl-adapter [--tl-seq T] [--threads N]
+        extra = argparse.ArgumentParser(description="exact patching: tl_adapter vs transformer_lens.patching")
+        extra.add_argument("--tl-adapter", action="store_true")
+        extra.add_argument("--tl-seq", type=int, default=16, help="prompt length T")
+        extra.add_argument("--threads", type=int, default=1)
+        extra_args = extra.parse_args()
+        bench_tl_adapter(T=extra_args.tl_seq, threads=extra_args.threads)
+    else:
+        main()
