@@ -14,7 +14,8 @@ every node at positions >= T/2 moves). Metric: atp_minimal.logit_diff at the las
 With CUDA, the same table is also made on the GPU: bf16 model, larger B and T, float32 estimates.
 
     python bench.py                 # a few minutes on 2 CPU cores; writes results/bench_cpu.md
-    python bench.py --quick         # about a minute: fewer nodes and repeats, some values extrapolated
+    python bench.py --quick         # about a minute: fewer nodes and repeats, some values extrapolated;
+                                    # writes out/bench_cpu.md (never the shipped results/)
     python bench.py --out FILE.md   # write the CPU table elsewhere (the GPU one goes to --gpu-out)
 
 Threads: by default as many torch threads as there are cores not already busy (cores minus the 1-minute
@@ -767,9 +768,11 @@ def run_table(s: Settings, threads: int, threads_why: str = "--threads") -> List
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute on 2 idle CPU cores")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_cpu.md"), help="CPU table (markdown)")
-    parser.add_argument("--gpu-out", default=os.path.join(HERE, "results", "bench_gpu.md"),
-                        help="GPU table (markdown), written when CUDA is available")
+    parser.add_argument("--out", default=None, help="CPU table (markdown); default results/bench_cpu.md, "
+                        "or out/bench_cpu.md with --quick (a quick run never overwrites the shipped table)")
+    parser.add_argument("--gpu-out", default=None,
+                        help="GPU table (markdown), written when CUDA is available; default results/bench_gpu.md, "
+                        "or out/bench_gpu.md with --quick")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the CPU table, and the GPU table too when CUDA is available")
     parser.add_argument("--threads", type=int, default=None,
@@ -781,6 +784,9 @@ def main(argv=None):
     parser.add_argument("--memory-child", nargs=6, metavar=("L", "T", "B", "SEED", "THREADS", "ATP"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    folder = os.path.join(HERE, "out" if args.quick else "results")
+    args.out = args.out or os.path.join(folder, "bench_cpu.md")
+    args.gpu_out = args.gpu_out or os.path.join(folder, "bench_gpu.md")
     if args.memory_child:
         L, T, B, seed, threads, with_atp = (int(x) for x in args.memory_child)
         memory_child(L, T, B, seed, threads, bool(with_atp))
