@@ -519,7 +519,7 @@ def rows_atp(run: Run) -> Tuple[List[Row], Measure]:
             Row("3", "AtP + QK fix", "<= 5.5 F", m_qk.text(), verdict(m_qk.ratio <= 5.5)),
             Row("4", "AtP* (AtP + QK fix + GradDrop)", "<= 16 F", m_star.text(), verdict(m_star.ratio <= 16)),
             Row("4", "AtP* cost split: QK fix adds (row 3 - row 2), GradDrop adds (row 4 - row 3)", "-",
-                f"QK fix +{m_qk.ratio - m_atp.ratio:.2f} F, GradDrop +{m_star.ratio - m_qk.ratio:.2f} F", "-")]
+                f"QK fix {m_qk.ratio - m_atp.ratio:+.2f} F, GradDrop {m_star.ratio - m_qk.ratio:+.2f} F", "-")]
     return rows, m_star
 
 
@@ -540,7 +540,8 @@ def row_literal_grad_drop(run: Run, m_star: Measure) -> Row:
         m_ref = run.clock.in_F(lambda: literal_grad_drop_passes(model, clean, noise, metric, layers),
                                run.s.heavy_repeats)
         ratio = m_ref.ratio * L / k
-        note = f"~{ratio:.1f} F (extrapolated from {k} of {L} passes: {m_ref.text()}); = {ratio / m_star.ratio:.1f}x AtP*"
+        note = (f"~{ratio:.1f} F (extrapolated from {k} of {L} passes: {m_ref.text()}); "
+                f"= {ratio / m_star.ratio:.1f}x AtP*")
     return Row("4", f"literal GradDrop (atp_minimal.atp_star_reference): {L} passes, each a noise forward and a "
                "clean forward+backward with hook_attn_out/hook_mlp_out detached, q/k by the O(T^3) key fix", "-",
                note, "-")
@@ -792,7 +793,8 @@ def main(argv=None):
         memory_child(L, T, B, seed, threads, bool(with_atp))
         return
     threads = args.threads or auto_threads()
-    threads_why = "--threads" if args.threads else "the cores the 1-minute load average left free"
+    threads_why = ("fixed by --threads, not left to the load average, which on a shared machine moves from run to "
+                   "run" if args.threads else "the cores the 1-minute load average left free")
     torch.set_num_threads(threads)
 
     jobs = []
