@@ -1,6 +1,6 @@
 """
 How many forward passes does each node-ranking method need to find the important nodes? The comparison
-of the AtP* paper's §6-7 on the toy IOI model (or a real GPT-2): AtP, AtP+QK fix, AtP+GradDrop and AtP*
+of the AtP* paper's §4 Experiments on the toy IOI model (or a real GPT-2): AtP, AtP+QK fix, AtP+GradDrop and AtP*
 against the baselines that patch sets of nodes jointly (Subsampling, Blocks, Hierarchical grouping)
 and a random order, each scored by its cost of verified recall.
 
@@ -8,8 +8,8 @@ and a random order, each scored by its cost of verified recall.
   localizing LLM behaviour to components." https://arxiv.org/abs/2403.00745
 
 Every method outputs an order over ALL nodes of a node family and pays its own cost C. Verification then
-patches nodes one at a time in that order (§1.3). cost(x) = C + the verification passes spent until the
-true top-x nodes by |c(n)| are all verified (§7.3). The oracle verifies in the true order: cost(x) = x.
+patches nodes one at a time in that order (paper §2 Background). cost(x) = C + the verification passes spent until the
+true top-x nodes by |c(n)| are all verified (paper §4 Experiments). The oracle verifies in the true order: cost(x) = x.
 x runs over the nodes that count: |c(n)| >= COUNTED (1e-3) times the largest |c(n)| of the family.
 
     python compare_methods.py            # toy IOI model, float64: tables, CSV and plots in results/
@@ -51,7 +51,7 @@ import atp_minimal as atp
 #                                 two QK^T-shaped products and two softmaxes, a fraction of that layer's
 #                                 forward pass, which does the same plus the projections and the MLP. So
 #                                 1 forward is an upper bound, not a measurement.
-#   GradDrop (§4.2)     +(L-1)    the pass that drops layer l (l = 1..L-1) backpropagates only through
+#   GradDrop (§3)        +(L-1)    the pass that drops layer l (l = 1..L-1) backpropagates only through
 #                                 layers 0..l-1 (atp_minimal's implementation): sum_l 2 l / L = L - 1.
 #                                 Dropping layer 0 needs no pass: its own nodes get 0 and no node sits
 #                                 below it. The paper's count, L full backward passes, would give 2 + 2L.
@@ -88,7 +88,7 @@ def atp_cost(n_layer, qk_fix=False, grad_drop=False, kinds=atp.KINDS):
 
 
 # --------------------------------------------------------------------------------------------------
-# --- node families (§1.1): attention nodes and MLP neurons, evaluated separately
+# --- node families (paper §4 Experiments): attention nodes and MLP neurons, evaluated separately
 
 FAMILIES = {"attention": ("q", "k", "v", "z"), "neurons": ("neuron",)}
 
@@ -142,7 +142,7 @@ def rank_by_score(score):
 
 
 def random_ranking(n, seed):
-    """The floor: a seeded random order (§6, activation patching in random order)."""
+    """The floor: a seeded random order (a baseline of the paper's §4 Experiments: activation patching in random order)."""
     return Ranking(torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
 
 
@@ -153,7 +153,7 @@ EffectOfSets = Callable[[torch.Tensor], torch.Tensor]
 
 
 def subsampling_ranking(effect_of_sets: EffectOfSets, n, n_samples, p, seed=0):
-    """Subsampling (§5.1, Algorithm 1): n_samples random subsets, each node in with probability p, each
+    """Subsampling (the paper's Algorithm 1): n_samples random subsets, each node in with probability p, each
     patched jointly; rank by |c_ss(n)| = |mean y over subsets with n - mean y over subsets without n|.
     Draws its subsets with atp.draw_subsets, as atp.subset_sampling does."""
     member = atp.draw_subsets(n_samples, n, p, seed)  # (K, n)
@@ -163,7 +163,7 @@ def subsampling_ranking(effect_of_sets: EffectOfSets, n, n_samples, p, seed=0):
 
 
 def blocks_ranking(effect_of_sets: EffectOfSets, n, block_size):
-    """Blocks (§6): contiguous blocks of `block_size` nodes in natural order, each patched jointly.
+    """Blocks (a baseline of the paper's §4 Experiments): contiguous blocks of `block_size` nodes in natural order, each patched jointly.
     Verify block by block, largest |block effect| first; inside a block, natural order."""
     starts = list(range(0, n, block_size))
     member = torch.zeros(len(starts), n, dtype=torch.bool)  # (ceil(n/b), n)
@@ -179,7 +179,7 @@ def blocks_ranking(effect_of_sets: EffectOfSets, n, block_size):
 
 
 def hierarchical_ranking(effect_of_sets: EffectOfSets, n, branching=4, budget=None):
-    """Hierarchical grouping (§6): a tree of nested contiguous groups, each split into `branching`
+    """Hierarchical grouping (a baseline of the paper's §4 Experiments): a tree of nested contiguous groups, each split into `branching`
     near-equal children, down to single nodes. Best-first: take the patched group with the largest
     |effect|; a single node is reached (its patch was exact), a larger group has its children patched,
     one set each, while the budget (set patches; None: no limit) allows. Order: nodes in the order
@@ -258,7 +258,7 @@ class SetPatcher:
 
 
 # --------------------------------------------------------------------------------------------------
-# --- evaluation (§7.3): the nodes that count, cost of verified recall, relative cost
+# --- evaluation (paper §4 Experiments): the nodes that count, cost of verified recall, relative cost
 
 # A node counts toward the true top-x when |c(n)| >= COUNTED * the largest |c(n)| of its family in that
 # setting. A definition of the model's behaviour, not of the CPU: "c(n) != 0" would count rounding
@@ -312,7 +312,7 @@ def geometric_stats(values):
 
 
 # --------------------------------------------------------------------------------------------------
-# --- one setting: D = the given prompt pairs (B = 1: single prompt pair, §7.2 IOI-PP)
+# --- one setting: D = the given prompt pairs (B = 1: single prompt pair, as the paper's IOI-PP)
 
 ATP_METHODS = {"AtP": (False, False), "AtP+QK fix": (True, False), "AtP+GradDrop": (False, True),
                "AtP*": (True, True)}
@@ -353,7 +353,7 @@ def atp_scores(model, clean, noise, metric, kinds):
     for name, (qk_fix, grad_drop) in ATP_METHODS.items():
         start = time.perf_counter()
         est = atp.attribution_patching(model, clean, noise, metric, kinds, qk_fix=qk_fix, grad_drop=grad_drop)
-        # §2: |.| per prompt pair, then the mean; GradDrop's per-pair scores are already >= 0 (§4.2)
+        # AtP: |.| per prompt pair, then the mean; GradDrop's per-pair scores are already >= 0
         scores[name] = {k: (v if grad_drop else v.abs()).mean(0) for k, v in est.items()}  # kind -> (L, T, U)
         seconds[name] = time.perf_counter() - start
     return scores, seconds
@@ -434,7 +434,7 @@ def evaluate_setting(model, clean, noise, metric, seeds=(0,), families=FAMILIES,
     rows, curves = [], {}
     for fam_name, fam_kinds in families.items():
         fam = Family(fam_name, fam_kinds, cfg, T)
-        run = FamilyRun(fam, fam.vector({k: truth[k].mean(0) for k in fam_kinds}).double(),  # c(n), §1.2
+        run = FamilyRun(fam, fam.vector({k: truth[k].mean(0) for k in fam_kinds}).double(),  # c(n)
                         fam.vector({k: moved[k] for k in fam_kinds}))
         for name, (qk_fix, grad_drop) in ATP_METHODS.items():
             score = fam.vector({k: scores[name][k] for k in fam_kinds})[run.candidates]  # (n,)
@@ -486,7 +486,7 @@ def per_pair(rows, where, family, method):
 
 
 def claims(summary, rows, wheres, families):
-    """The paper's headline ordering (§7.4), per setting and family, with numbers. Printable lines."""
+    """The paper's headline ordering (its §4 Experiments), per setting and family, with numbers. Printable lines."""
     lines = []
     for where in wheres:
         for fam in families:
@@ -578,13 +578,13 @@ def report_header(title, command, cfg, rows, elapsed, dist_pairs, dtype):
     return [f"# Cost of verified recall: {title}", "",
             f"`{command}`: {elapsed:.0f} s wall clock, torch threads: {torch.get_num_threads()}. Model: "
             f"{cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}, run in {dtype}. "
-            "Metric: logit difference (answer minus the other name) at the last position. Settings (paper §7.2): "
+            "Metric: logit difference (answer minus the other name) at the last position. Settings (paper §4 Experiments): "
             "**single pair** runs each sampled prompt pair alone with its own ground truth (like IOI-PP); "
             "**distribution** takes the pairs as one distribution, c(n) = mean over the pairs."
             + (" The pairs come from one seeded sample (held-out names for the toy model): the single-pair "
                f"runs use its first pairs, the distribution its first {dist_pairs}. The distribution is one "
                "draw, so its spread covers only the seeds of Subsampling and Random." if dist_pairs else ""), "",
-            "Relative cost (§7.3): the inverse-rank-weighted (w ∝ 1/x) geometric mean of cost(x)/x over "
+            "Relative cost (paper §4 Experiments): the inverse-rank-weighted (w ∝ 1/x) geometric mean of cost(x)/x over "
             f"x = 1..X, where X counts the nodes with |c(n)| ≥ {COUNTED:g} × the largest |c(n)| of their family "
             "in that setting (smaller effects are not what verification is for; counting every c(n) ≠ 0 would "
             "count rounding residue, whose exact zeros depend on the CPU); the oracle scores 1. Each cell: "
@@ -662,7 +662,7 @@ def markdown_report(title, command, cfg, rows, wheres, families, claim_lines, el
     out = report_header(title, command, cfg, rows, elapsed, dist_pairs, dtype)
     for where in wheres:
         out += report_setting(summary, rows, where, families)
-    out += ["## Does the paper's ordering reproduce? (§7.4)", "", "```"] + claim_lines + ["```", ""]
+    out += ["## Does the paper's ordering reproduce? (paper §4 Experiments)", "", "```"] + claim_lines + ["```", ""]
     if any(r["setting"] for r in rows):
         out += report_sweep(summary, rows, wheres, families)
     out += report_costs(cfg.n_layer)
@@ -679,7 +679,7 @@ SCRATCH = "out"  # every other run writes here unless --out says otherwise (git-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Compare AtP, AtP* and the patching baselines by their cost of "
-                                     "verified recall (AtP* paper §6-7). Default: the toy IOI model.")
+                                     "verified recall (AtP* paper, §4 Experiments). Default: the toy IOI model.")
     parser.add_argument("--model", default=None, help="a Hugging Face GPT-2 directory; default: toy_model/")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
@@ -731,7 +731,7 @@ def run_settings(model, make, args):
     """Every single-pair setting, then the distribution setting. Returns (rows, curves, wheres)."""
     rows, curves, seeds = [], {}, tuple(range(args.seeds))
     clean, noise, answer, wrong = make(max(args.pairs, args.dist_pairs), 0)
-    settings = [("single pair", i, slice(i, i + 1)) for i in range(args.pairs)]  # §7.2, IOI-PP
+    settings = [("single pair", i, slice(i, i + 1)) for i in range(args.pairs)]  # the paper's IOI-PP
     if args.dist_pairs:  # the distribution setting: the first dist_pairs pairs as one D
         settings.append(("distribution", f"{args.dist_pairs} pairs", slice(0, args.dist_pairs)))
     for where, pair, s in settings:

@@ -5,7 +5,7 @@ The figures of tutorial.md, from the shipped toy IOI model (toy_model/) and 4 he
                                      AtP reads as "no effect", and the row the noise query produces
   figures/atp_vs_exact.png           |estimate| against |c(n)| for every attention node: AtP, AtP+QK fix, AtP*
   figures/cost_of_verified_recall.png  forward passes until the true top-x attention nodes are all verified,
-                                     for AtP, AtP+QK fix, AtP+GradDrop and AtP* (paper §7.3)
+                                     for AtP, AtP+QK fix, AtP+GradDrop and AtP* (paper §4 Experiments)
 
     python make_figures.py           # about 10 s on one CPU core; needs matplotlib
 
