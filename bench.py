@@ -772,6 +772,17 @@ def run_table(s: Settings, threads: int, threads_why: str = "--threads") -> List
             render(run, rows, key_fix_lines, memory_table(run, mem), profile_lines))
 
 
+
+def write_report(lines, path):
+    """Print the report's lines and write them to path (its folder made if needed)."""
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute on 2 idle CPU cores")
@@ -817,12 +828,7 @@ def main(argv=None):
                  f"{f' --threads {args.threads}' if args.threads else ''}`. F = one forward pass (no grad) of the "
                  "B clean prompts, timed around every repeat of every row; each ratio is a method's time over "
                  "the mean of the two F timings around it.", ""] + run_table(settings, threads, threads_why)
-        text = "\n".join(lines) + "\n"
-        print("\n" + text)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-        print(f"wrote {path}")
+        write_report(lines, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -887,12 +893,7 @@ def bench_tl_adapter(T=16, sample=24, seed=0, threads=1, out=os.path.join(HERE, 
              "|---|---|---|---|---|---|---|"] + rows + ["",
              f"Mean over the four kinds: {total_theirs / total_ours:.1f}x fewer seconds per node than "
              f"TransformerLens's helpers."]
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"wrote {out}")
+    write_report(lines, out)
 
 
 if __name__ == "__main__":
