@@ -863,11 +863,12 @@ def check_grad_drop_depth(n_units_):
 
 
 def check_count(value, name, low, high=None):
-    """An integer argument in [low, high]."""
+    """An integer argument in [low, high] (high: the number of nodes given, or None for no limit)."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be between {low} and {high if high is not None else 'any size'}, got {value}")
+        upper = f" and the number of nodes given ({high})" if high is not None else ""
+        raise ValueError(f"{name} must be between {low}{upper}; got {value}" if upper else f"{name} must be at least {low}, got {value}")
     return int(value)
 
 

@@ -14,25 +14,27 @@ every node at positions >= T/2 moves). Metric: atp_minimal.logit_diff at the las
 With CUDA, the same table is also made on the GPU: bf16 model, larger B and T, float32 estimates.
 
     python bench.py                 # a few minutes on 2 CPU cores; writes results/bench_cpu.md
-    python bench.py --quick         # about a minute: fewer nodes and repeats, some values extrapolated
+    python bench.py --quick         # about a minute: fewer nodes and repeats, some values extrapolated;
+                                    # writes out/bench_cpu.md (never the shipped results/)
     python bench.py --out FILE.md   # write the CPU table elsewhere (the GPU one goes to --gpu-out)
 
 Threads: by default as many torch threads as there are cores not already busy (cores minus the 1-minute
 load average, at least 1). More threads than free cores makes each parallel op wait at its barrier for
 a descheduled thread, which slows many-small-op code erratically; --threads N overrides.
 
-Rows:
+Rows (the baselines are atp_minimal's Part I reference forms, timed against its Part II fast forms):
   1. F itself, and forward + backward (activation gradients only, as AtP needs) for reference
-  2. AtP over all node kinds (q, k, v, z, neuron)                        target <= 4.5 F
-  3. AtP + QK fix                                                         target <= 5.5 F
-  4. AtP* (= AtP + QK fix + GradDrop)                                     target <= 16 F
-     and a naive GradDrop written here: L clean forward+backward passes, pass l with
-     blocks.{l}.hook_attn_out and blocks.{l}.hook_mlp_out detached; also checked against atp_star
+  2. AtP over all node kinds (q, k, v, z, neuron): atp_estimates                target <= 4.5 F
+  3. AtP + QK fix: atp_estimates(qk_fix=True)                                   target <= 5.5 F
+  4. AtP* (= AtP + QK fix + GradDrop): atp_star                                 target <= 16 F
+     and literal GradDrop, atp_star_reference: L passes, pass l a noise forward and a clean
+     forward+backward with blocks.{l}.hook_attn_out and hook_mlp_out detached; checked against atp_star
   5. exhaustive activation patching of MLP neurons: atp_minimal.verify (patch_node_sets with one-node
-     masks, batched, resumed at the patched layer) against a naive loop of one full forward per node.
-     A "node" is one (layer, position, neuron) patched in all B prompt pairs at once, i.e. one value
-     of I(n) for every pair.                                               target >= 5x the naive loop
-  6. key fix scaling: atp_minimal.key_fix (closed form) against a naive O(T^3) loop written here
+     masks, batched, resumed at the patched layer) against the naive loop of
+     activation_patching_reference, one full forward per node (patch_hooks). A "node" is one
+     (layer, position, neuron) patched in all B prompt pairs at once, i.e. one value of I(n) for
+     every pair.                                                                target >= 5x the naive loop
+  6. key fix scaling: key_fix (closed form, O(T^2)) against key_fix_reference (literal, O(T^3))
   7. peak memory of AtP* over T and L, each configuration in a fresh subprocess
 """
 
@@ -133,9 +135,10 @@ def make_model(n_layer: int, dtype, device, seed: int) -> gpt.GPT:
     return gpt.GPT(gpt.GPTConfig(n_layer=n_layer)).to(device=device, dtype=dtype)
 
 
-def nodes_per_position(cfg: gpt.GPTConfig) -> int:
-    """Nodes of atp_minimal at one position: q, k, v, z per head and every MLP neuron, in every layer."""
-    return cfg.n_layer * (4 * cfg.n_head + cfg.d_mlp)
+def nodes_per_position(cfg: gpt.GPTConfig, n_layer: int) -> int:
+    """Nodes of atp_minimal at one position of an n_layer-deep model of cfg's width: q, k, v, z per head
+    and every MLP neuron, in every layer."""
+    return n_layer * (4 * cfg.n_head + cfg.d_mlp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,6 +150,7 @@ class Measure:
     ratio: float  # median over repeats of time / F
     seconds: float  # median over repeats
     ratios: List[float] = field(default_factory=list)
+    out: object = None  # the last repeat's result, when Clock.in_F was asked to keep it
 
     def text(self, unit="F", digits=2) -> str:
         lo, hi = min(self.ratios), max(self.ratios)
@@ -175,18 +179,20 @@ class Clock:
         self.F_samples.append(seconds)
         return seconds
 
-    def in_F(self, fn, repeats: int) -> Measure:
-        """F, (fn, F) x repeats: each repeat's ratio is t(fn) / mean of the two F timings around it."""
-        ratios, seconds = [], []
+    def in_F(self, fn, repeats: int, keep: bool = False) -> Measure:
+        """F, (fn, F) x repeats: each repeat's ratio is t(fn) / mean of the two F timings around it.
+        keep: also return the last repeat's result (Measure.out), for an agreement check."""
+        ratios, seconds, kept = [], [], None
         before = self.F()
         for _ in range(repeats):
             t, out = self.time(fn)
+            kept = out if keep else None
             del out
             after = self.F()
             ratios.append(t / ((before + after) / 2))
             seconds.append(t)
             before = after
-        return Measure(statistics.median(ratios), statistics.median(seconds), ratios)
+        return Measure(statistics.median(ratios), statistics.median(seconds), ratios, kept)
 
     def per_call(self, fns, repeats: int, min_seconds=0.05) -> List[float]:
         """Median seconds per call of each of several small functions. After a warm-up call, each function
@@ -207,108 +213,51 @@ class Clock:
 
 
 # --------------------------------------------------------------------------------------------------
-# --- references written here (naive, obviously correct, slow)
+# --- the baselines: atp_minimal's Part I reference forms, and the two passes every method is made of
 
 
 def no_grad_forward(model, clean):
+    """F, the unit: one forward of the B clean prompts (B, T) -> logits (B, T, V), no autograd graph."""
     with torch.no_grad():
         return model(clean)
 
 
 def forward_backward(model, clean, metric):
-    """One clean forward with grad, then the gradient of sum(metric) at the embeddings: activation
-    gradients through the whole model, no weight gradients (AtP needs only the former)."""
-    cache = {}
-
-    def leaf(t):
-        cache["embed"] = t.detach().requires_grad_()
-        return cache["embed"]
+    """One clean forward with grad, then the gradient of sum(metric) with respect to the residual stream
+    entering block 0: activation gradients through the whole model and no weight gradients, the backward
+    pass AtP needs. The graph starts at blocks.0.hook_resid_pre, as in atp_minimal. Returns (B, T, D)."""
+    start = "blocks.0.hook_resid_pre"
+    leaf = {start: lambda t: t.detach().requires_grad_(True)}
     with torch.enable_grad():
-        values = metric(model(clean, hooks={"hook_embed": leaf}))
-        return torch.autograd.grad(values.sum(), [cache["embed"]])[0]
+        logits, cache = atp.run_with_cache(model, clean, [start], leaf)  # logits (B, T, V)
+        return torch.autograd.grad(metric(logits).sum(), [cache[start]])[0]  # (B, T, D)
 
 
-def naive_grad_drop(model, clean, noise, metric, passes=None):
-    """GradDrop (paper §4.2) by brute force: for each dropped layer l, a full clean forward+backward with
-    blocks.{l}.hook_attn_out and blocks.{l}.hook_mlp_out detached (lambda t: t.detach()), AtP with the
-    QK fix on that pass's gradients, |.| summed over the passes, / (L-1). kind -> (B, L, T, U), like
-    atp_star. `passes` (a list of layers) runs only those passes, for timing."""
-    cfg = model.config
-    L = cfg.n_layer
-    f32 = torch.promote_types(next(model.parameters()).dtype, torch.float32)
-    node = {(k, l): f"blocks.{l}.{atp.SITES[k]}" for k in atp.KINDS for l in range(L)}
-    attn = lambda l, s: f"blocks.{l}.attn.{s}"
-    qk_cached = [attn(l, s) for l in range(L) for s in ("hook_q", "hook_k", "hook_attn_scores")]
-    patterns = [attn(l, "hook_pattern") for l in range(L)]
-
-    def caching(names, cache):
-        return {n: (lambda t, n=n: cache.__setitem__(n, t)) for n in names}
-
-    noise_cache = {}
+def naive_patching(model, clean, metric, base, noise_acts, nodes):
+    """Exhaustive patching the obvious way, the loop of atp_minimal.activation_patching_reference: one full
+    forward of the B clean prompts per node, with atp_minimal.patch_hooks writing the node's noise value.
+    base: the clean run's metric (B,); noise_acts: the noise run's cache of the nodes' sites. (N, B)."""
     with torch.no_grad():
-        model(noise, hooks=caching(list(node.values()) + qk_cached, noise_cache))
-    units = lambda t: (t if t.dim() == 4 else t.unsqueeze(-1)).detach().to(f32)  # (B, T, U, E)
-    total = None
-    for dropped in (range(L) if passes is None else passes):
-        cache = {}
-        hooks = caching(list(node.values()) + qk_cached + patterns, cache)
-        hooks[f"blocks.{dropped}.hook_attn_out"] = lambda t: t.detach()
-        hooks[f"blocks.{dropped}.hook_mlp_out"] = lambda t: t.detach()
-        with torch.enable_grad():
-            values = metric(model(clean, hooks=hooks))
-            wrt = list(node.values()) + patterns
-            grads = dict(zip(wrt, torch.autograd.grad(values.sum(), [cache[n] for n in wrt], allow_unused=True)))
-        if total is None:
-            total = {k: torch.zeros((clean.shape[0], L) + tuple(units(cache[node[(k, 0)]]).shape[1:3]),
-                                    dtype=f32, device=clean.device) for k in atp.KINDS}
-        for (k, l), name in node.items():  # estimates need no autograd graph: computed from detached tensors
-            if k in ("q", "k"):  # QK fix: exact softmax, linear after it
-                G = grads[attn(l, "hook_pattern")]
-                if G is None:
-                    continue
-                get = lambda c, s: c[attn(l, s)].detach().to(f32)
-                scale = model.transformer.h[l].attn.scale
-                if k == "q":
-                    est = atp.query_fix(get(cache, "hook_q"), get(noise_cache, "hook_q"), get(cache, "hook_k"),
-                                        get(cache, "hook_attn_scores"), G.to(f32), scale)
-                else:
-                    est = atp.key_fix(get(cache, "hook_q"), get(cache, "hook_k"), get(noise_cache, "hook_k"),
-                                      get(cache, "hook_attn_scores"), G.to(f32), scale)
-            else:
-                if grads[name] is None:  # inside the dropped block: no gradient reaches it
-                    continue
-                est = ((units(noise_cache[name]) - units(cache[name])) * units(grads[name])).sum(-1)
-            total[k][:, l] += est.abs()
-    return {k: v / (L - 1) for k, v in total.items()}
+        return torch.stack([metric(model(clean, hooks=atp.patch_hooks([n], noise_acts))) - base
+                            for n in nodes])  # (N, B)
 
 
-def naive_patching(model, clean, metric, base, noise_post, nodes):
-    """Exhaustive patching the obvious way: one full forward of the B clean prompts per node, a hook
-    writing the noise value of neuron `unit` at `pos` into blocks.{l}.mlp.hook_post. (B,) per node."""
-    effects = []
-    with torch.no_grad():
-        for _, l, pos, unit in nodes:
-            def patch(t, l=l, pos=pos, unit=unit):
-                t = t.clone()
-                t[:, pos, unit] = noise_post[l][:, pos, unit]
-                return t
-            effects.append(metric(model(clean, hooks={f"blocks.{l}.mlp.hook_post": patch})) - base)
-    return torch.stack(effects)  # (N, B)
+def literal_grad_drop_passes(model, clean, noise, metric, layers):
+    """Some of the passes of atp_minimal.atp_star_reference (literal GradDrop, §3 Methods), for timing:
+    for each layer l in `layers`, atp_estimates_reference with the QK fix and layer l's residual writes
+    detached, i.e. one noise forward and one clean forward+backward. Scores kind -> (B, L, T, U) each."""
+    units = atp.grad_drop_units(model)  # per layer: [hook_attn_out, hook_mlp_out]
+    return [atp.atp_estimates_reference(model, clean, noise, metric, qk_fix=True, detach=units[l])
+            for l in layers]
 
 
-def key_fix_naive(q_clean, k_clean, k_noise, scores, G, scale):
-    """The key fix by definition, O(T^3) per head: for every key s, recompute each query row t's softmax
-    with only logit s moved to q_t(clean) . k_s(noise) * scale, and sum (a_new - a) * G over the row and
-    over t. q, k: (B, T, H, Dh); scores, G: (B, H, T, S). Returns (B, S, H), like atp_minimal.key_fix."""
-    a = torch.softmax(scores, dim=-1)  # (B, H, T, S)
-    moved = (q_clean.transpose(1, 2) @ k_noise.permute(0, 2, 3, 1)) * scale  # (B, H, T, S)
-    masked = torch.isinf(scores)
-    out = torch.zeros(scores.shape[0], scores.shape[-1], scores.shape[1], dtype=scores.dtype, device=scores.device)
-    for s in range(scores.shape[-1]):
-        patched = scores.clone()
-        patched[..., s] = torch.where(masked[..., s], scores[..., s], moved[..., s])
-        out[:, s] = ((torch.softmax(patched, dim=-1) - a) * G).sum((-1, -2))  # (B, H)
-    return out
+def random_key_fix_inputs(T: int, H: int, Dh: int, scale: float, g: torch.Generator, device):
+    """Inputs of atp_minimal.key_fix for one prompt: q, k(clean), k(noise) = k(clean) + noise, (1, T, H, Dh)
+    each, and a random G = dL/dpattern (1, H, T, S)."""
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    q, k_clean = rnd(1, T, H, Dh), rnd(1, T, H, Dh)
+    k_noise = k_clean + 0.5 * rnd(1, T, H, Dh)
+    return q, k_clean, k_noise, rnd(1, H, T, T), scale
 
 
 def loglog_slope(xs, ys) -> float:
@@ -319,6 +268,7 @@ def loglog_slope(xs, ys) -> float:
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, in float64 on the CPU."""
     a, b = a.double().cpu(), b.double().cpu()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
@@ -347,7 +297,7 @@ def memory_child(n_layer: int, T: int, B: int, seed: int, threads: int, atp_refe
     clean, noise, metric = make_inputs(model.config, B, T, seed, "cpu")
     runs = [("forward", lambda: no_grad_forward(model, clean))]
     if atp_reference:
-        runs.append(("atp", lambda: atp.attribution_patching(model, clean, noise, metric)))
+        runs.append(("atp", lambda: atp.atp_estimates(model, clean, noise, metric)))
     runs.append(("atp_star", lambda: atp.atp_star(model, clean, noise, metric)))
     out = {}
     for name, fn in runs:
@@ -386,7 +336,7 @@ def measure_memory_cuda(s: Settings):
         clean, noise, metric = make_inputs(model.config, s.B, T, s.seed, "cuda")
         runs = [("forward", lambda: no_grad_forward(model, clean))]
         if s.memory_atp_reference:
-            runs.append(("atp", lambda: atp.attribution_patching(model, clean, noise, metric)))
+            runs.append(("atp", lambda: atp.atp_estimates(model, clean, noise, metric)))
         runs.append(("atp_star", lambda: atp.atp_star(model, clean, noise, metric)))
         out = {}
         for name, fn in runs:
@@ -471,7 +421,7 @@ def profile_atp_star(model, clean, noise, metric, top=10):
 
 
 # --------------------------------------------------------------------------------------------------
-# --- the table
+# --- the table: one function per measured row (or group of rows), then the renderer
 
 
 @dataclass
@@ -510,227 +460,249 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def run_table(s: Settings, threads: int, threads_why: str = "--threads") -> List[str]:
-    """Measure every row on s.device; return the markdown section."""
+@dataclass
+class Run:
+    """What every row of one table shares: settings, the GPT-2-small-shaped model, inputs and clock."""
+    s: Settings
+    model: gpt.GPT
+    clean: torch.Tensor  # (B, T) token ids
+    noise: torch.Tensor  # (B, T) token ids, = clean except at diff_positions(T)
+    metric: object  # logits (B, T, V) -> (B,)
+    clock: Clock
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def log(self, msg: str):
+        print(f"[{time.perf_counter() - self.t_start:6.1f}s] {msg}", flush=True)
+
+
+def start_run(s: Settings) -> Run:
+    """Build the model and inputs on s.device, and warm up once every code path the rows time (forward,
+    backward, AtP*, batched and naive patching)."""
     device = torch.device(s.device)
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    digest_start = source_digest()
-    t_start = time.perf_counter()
     model = make_model(12, s.dtype, device, s.seed)
-    cfg = model.config
-    L, B, T = cfg.n_layer, s.B, s.T
-    clean, noise, metric = make_inputs(cfg, B, T, s.seed, device)
-
-    forward = lambda: no_grad_forward(model, clean)
-    clock = Clock(device, forward)
-    rows: List[Row] = []
-    log = lambda msg: print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
-
-    # warm up once: every code path the rows time (forward, backward, AtP*, batched and naive patching)
-    log("warm-up")
-    forward()
+    clean, noise, metric = make_inputs(model.config, s.B, s.T, s.seed, device)
+    run = Run(s, model, clean, noise, metric, Clock(device, lambda: no_grad_forward(model, clean)))
+    run.log("warm-up")
+    no_grad_forward(model, clean)
     forward_backward(model, clean, metric)
     atp.atp_star(model, clean, noise, metric)
-    atp.verify(model, clean, noise, metric, [("neuron", 0, T - 1, 0)], 1, progress=False)
+    atp.verify(model, clean, noise, metric, [("neuron", 0, s.T - 1, 0)], 1, progress=False)
+    return run
 
-    # 1. F and forward+backward
-    log("row 1: forward, forward+backward")
-    fb = clock.in_F(lambda: forward_backward(model, clean, metric), s.repeats)
-    rows.append(Row("1", "forward + backward (activation gradients only, no weight gradients)", "-",
-                    fb.text(), "-"))
 
-    # 2-4. AtP, AtP + QK fix, AtP*
-    results = {}
+def row_unit(run: Run) -> Row:
+    """Row 1: F itself, from every F timing taken so far."""
+    Fs = run.clock.F_samples
+    return Row("1", f"forward pass F: B={run.s.B} clean prompts, T={run.s.T}, no grad (the unit)", "unit",
+               f"1 F = {1e3 * statistics.median(Fs):.1f} ms (median of {len(Fs)} timings; "
+               f"range {1e3 * min(Fs):.1f}-{1e3 * max(Fs):.1f} ms)", "-")
 
-    def keep(name, fn):  # time fn, and keep its result (detached) for the agreement checks
-        def run():
-            out = fn()
-            results[name] = {k: v.detach() for k, v in out.items()} if isinstance(out, dict) else out
-        return run
-    log("row 2: AtP")
-    m_atp = clock.in_F(lambda: atp.attribution_patching(model, clean, noise, metric), s.repeats)
-    rows.append(Row("2", "AtP, all kinds (q, k, v, z, neuron), per pair", "<= 4.5 F", m_atp.text(),
-                    verdict(m_atp.ratio <= 4.5)))
-    log("row 3: AtP + QK fix")
-    m_qk = clock.in_F(lambda: atp.attribution_patching(model, clean, noise, metric, qk_fix=True), s.repeats)
-    rows.append(Row("3", "AtP + QK fix", "<= 5.5 F", m_qk.text(), verdict(m_qk.ratio <= 5.5)))
-    log("row 4: AtP*")
-    m_star = clock.in_F(keep("star", lambda: atp.atp_star(model, clean, noise, metric)), s.repeats)
-    rows.append(Row("4", "AtP* (AtP + QK fix + GradDrop)", "<= 16 F", m_star.text(),
-                    verdict(m_star.ratio <= 16)))
-    rows.append(Row("4", "AtP* cost split: QK fix adds (row 3 - row 2), GradDrop adds (row 4 - row 3)", "-",
-                    f"QK fix +{m_qk.ratio - m_atp.ratio:.2f} F, GradDrop +{m_star.ratio - m_qk.ratio:.2f} F", "-"))
 
-    log("row 4: naive GradDrop")
-    k = s.graddrop_passes
+def row_forward_backward(run: Run) -> Row:
+    """Row 1: one forward + backward, the floor of any gradient method."""
+    run.log("row 1: forward, forward+backward")
+    fb = run.clock.in_F(lambda: forward_backward(run.model, run.clean, run.metric), run.s.repeats)
+    return Row("1", "forward + backward (activation gradients only, no weight gradients)", "-", fb.text(), "-")
+
+
+def rows_atp(run: Run) -> Tuple[List[Row], Measure]:
+    """Rows 2-4: AtP, AtP + QK fix and AtP* (atp_minimal's fast forms), and what the QK fix and GradDrop
+    each add. Also returns AtP*'s Measure, whose .out keeps its scores for row 4's agreement check."""
+    model, clean, noise, metric, n = run.model, run.clean, run.noise, run.metric, run.s.repeats
+    run.log("row 2: AtP")
+    m_atp = run.clock.in_F(lambda: atp.atp_estimates(model, clean, noise, metric), n)
+    run.log("row 3: AtP + QK fix")
+    m_qk = run.clock.in_F(lambda: atp.atp_estimates(model, clean, noise, metric, qk_fix=True), n)
+    run.log("row 4: AtP*")
+    m_star = run.clock.in_F(lambda: atp.atp_star(model, clean, noise, metric), n, keep=True)
+    rows = [Row("2", "AtP, all kinds (q, k, v, z, neuron), per pair", "<= 4.5 F", m_atp.text(),
+                verdict(m_atp.ratio <= 4.5)),
+            Row("3", "AtP + QK fix", "<= 5.5 F", m_qk.text(), verdict(m_qk.ratio <= 5.5)),
+            Row("4", "AtP* (AtP + QK fix + GradDrop)", "<= 16 F", m_star.text(), verdict(m_star.ratio <= 16)),
+            Row("4", "AtP* cost split: QK fix adds (row 3 - row 2), GradDrop adds (row 4 - row 3)", "-",
+                f"QK fix {m_qk.ratio - m_atp.ratio:+.2f} F, GradDrop {m_star.ratio - m_qk.ratio:+.2f} F", "-")]
+    return rows, m_star
+
+
+def row_literal_grad_drop(run: Run, m_star: Measure) -> Row:
+    """Row 4: atp_minimal.atp_star_reference, literal GradDrop: one pass per dropped layer. With
+    s.graddrop_passes = k, only k of the L passes are timed; the passes are alike, so the rest scale."""
+    model, clean, noise, metric, L = run.model, run.clean, run.noise, run.metric, run.model.config.n_layer
+    run.log("row 4: literal GradDrop (atp_star_reference)")
+    k = run.s.graddrop_passes
     if k is None:
-        m_naive = clock.in_F(keep("naive_gd", lambda: naive_grad_drop(model, clean, noise, metric)), s.heavy_repeats)
-        diff = max(max_rel_diff(results["naive_gd"][kind], results["star"][kind]) for kind in atp.KINDS)
-        naive_ratio = m_naive.ratio
-        note = (f"{m_naive.text()}; = {naive_ratio / m_star.ratio:.1f}x AtP*; same scores as atp_star "
-                f"(max rel. diff {diff:.1e})")
-    else:  # time k of the L passes; each pass is one full forward+backward, so the rest scale linearly
-        passes = [round(i * (L - 1) / max(k - 1, 1)) for i in range(k)]
-        m_naive = clock.in_F(lambda: naive_grad_drop(model, clean, noise, metric, passes=passes), s.heavy_repeats)
-        naive_ratio = 1 + (m_naive.ratio - 1) * L / k  # 1 F: the noise forward, done once
-        note = (f"~{naive_ratio:.1f} F (extrapolated from {k} of {L} passes: {m_naive.text()}); "
-                f"= {naive_ratio / m_star.ratio:.1f}x AtP*")
-    rows.append(Row("4", f"naive GradDrop reference: {L} forward+backward passes with detached "
-                    "hook_attn_out/hook_mlp_out", "-", note, "-"))
-    results.clear()
+        m_ref = run.clock.in_F(lambda: atp.atp_star_reference(model, clean, noise, metric), run.s.heavy_repeats,
+                               keep=True)
+        diff = max(max_rel_diff(m_ref.out[kind], m_star.out[kind]) for kind in atp.KINDS)
+        ratio = m_ref.ratio
+        note = f"{m_ref.text()}; = {ratio / m_star.ratio:.1f}x AtP*; same scores as atp_star (max rel. diff {diff:.1e})"
+    else:
+        layers = [round(i * (L - 1) / max(k - 1, 1)) for i in range(k)]
+        m_ref = run.clock.in_F(lambda: literal_grad_drop_passes(model, clean, noise, metric, layers),
+                               run.s.heavy_repeats)
+        ratio = m_ref.ratio * L / k
+        note = (f"~{ratio:.1f} F (extrapolated from {k} of {L} passes: {m_ref.text()}); "
+                f"= {ratio / m_star.ratio:.1f}x AtP*")
+    return Row("4", f"literal GradDrop (atp_minimal.atp_star_reference): {L} passes, each a noise forward and a "
+               "clean forward+backward with hook_attn_out/hook_mlp_out detached, q/k by the O(T^3) key fix", "-",
+               note, "-")
 
-    # 5. exhaustive patching of neurons
-    log("row 5: exhaustive patching")
-    first = diff_positions(T)[0]
-    n_per_position = s.patch_nodes_per_layer // 2
+
+def patching_nodes(run: Run) -> List[tuple]:
+    """Row 5's neurons, evenly spread over d_mlp, at the first changed position and the last, in layers 0
+    and L-1: resuming there runs L and 1 blocks, whose mean (L+1)/2 is the mean over all layers, so the
+    per-node cost is that of a sweep over every layer. Ordered by layer, so no chunk mixes layers."""
+    cfg, T = run.model.config, run.s.T
+    n_per_position = run.s.patch_nodes_per_layer // 2
     units = [round(i * (cfg.d_mlp - 1) / max(n_per_position - 1, 1)) for i in range(n_per_position)]
-    # layers 0 and L-1: resuming there runs L and 1 blocks, whose mean (L+1)/2 is the mean over all layers,
-    # so the per-node cost is that of a sweep over every layer. Ordered by layer so no chunk mixes them.
-    nodes = [("neuron", l, pos, u) for l in (0, L - 1) for pos in (first, T - 1) for u in units]
-    post = lambda l: f"blocks.{l}.mlp.hook_post"
-    caches = {"clean": {}, "noise": {}}
+    return [("neuron", l, pos, u) for l in (0, cfg.n_layer - 1) for pos in (diff_positions(T)[0], T - 1)
+            for u in units]
+
+
+def rows_patching(run: Run) -> List[Row]:
+    """Row 5: exhaustive patching of neurons, batched (atp_minimal.verify) against the naive loop of one
+    full forward per node; the two must give the same effects."""
+    run.log("row 5: exhaustive patching")
+    model, clean, noise, metric, s, L = run.model, run.clean, run.noise, run.metric, run.s, run.model.config.n_layer
+    nodes = patching_nodes(run)
+    sites = [atp.site("neuron", l) for l in (0, L - 1)]
     with torch.no_grad():
-        for name, idx in (("clean", clean), ("noise", noise)):
-            model(idx, hooks={post(l): (lambda t, l=l, c=caches[name]: c.__setitem__(l, t)) for l in (0, L - 1)})
-        base = metric(model(clean))
-    moved = sum(bool((caches["noise"][l][:, p, u] != caches["clean"][l][:, p, u]).any()) for _, l, p, u in nodes)
-    batched = clock.in_F(keep("batched", lambda: atp.verify(model, clean, noise, metric, nodes, len(nodes),
-                                                             chunk_size=s.chunk_size, progress=False)),
-                         s.heavy_repeats)
-    step = max(1, len(nodes) // s.naive_patch_nodes)
-    naive_nodes = nodes[::step][:s.naive_patch_nodes]
-    naive = clock.in_F(keep("naive", lambda: naive_patching(model, clean, metric, base, caches["noise"],
-                                                            naive_nodes)), s.heavy_repeats)
-    per_node_batched = batched.ratio / len(nodes)
-    per_node_naive = naive.ratio / len(naive_nodes)
-    F_sec = statistics.median(clock.F_samples)
-    _, effects = results["batched"]
-    agree = max_rel_diff(effects[[nodes.index(n) for n in naive_nodes]], results["naive"])
+        _, clean_acts = atp.run_with_cache(model, clean, sites)
+        _, noise_acts = atp.run_with_cache(model, noise, sites)  # {site: (B, T, M)}
+        base = metric(model(clean))  # (B,)
+    moved = sum(bool((noise_acts[atp.site(k, l)][:, p, u] != clean_acts[atp.site(k, l)][:, p, u]).any())
+                for k, l, p, u in nodes)
+    batched = run.clock.in_F(lambda: atp.verify(model, clean, noise, metric, nodes, len(nodes),
+                                                chunk_size=s.chunk_size, progress=False), s.heavy_repeats, keep=True)
+    naive_nodes = nodes[::max(1, len(nodes) // s.naive_patch_nodes)][:s.naive_patch_nodes]
+    naive = run.clock.in_F(lambda: naive_patching(model, clean, metric, base, noise_acts, naive_nodes),
+                           s.heavy_repeats, keep=True)
+    per_node_batched, per_node_naive = batched.ratio / len(nodes), naive.ratio / len(naive_nodes)
+    F_sec = statistics.median(run.clock.F_samples)
+    agree = max_rel_diff(batched.out[1][[nodes.index(n) for n in naive_nodes]], naive.out)
     speedup = per_node_naive / per_node_batched
-    rows.append(Row("5", f"exhaustive patching, batched (atp_minimal.verify, chunk_size={s.chunk_size}): "
-                    f"{len(nodes)} neurons, layers 0 and {L - 1}, positions {first} and {T - 1} "
-                    f"({moved} of {len(nodes)} move)", "-",
-                    f"{per_node_batched:.3f} F per node = {1 / (per_node_batched * F_sec):.1f} nodes/s "
-                    f"(call: {batched.text()})", "-"))
-    rows.append(Row("5", f"exhaustive patching, naive: one full forward of the B pairs per node "
-                    f"({len(naive_nodes)} nodes timed)", "-",
-                    f"{per_node_naive:.3f} F per node = {1 / (per_node_naive * F_sec):.1f} nodes/s; "
-                    f"effects agree with batched (max rel. diff {agree:.1e})", "-"))
-    rows.append(Row("5", "exhaustive patching speedup, batched over naive (neurons)", ">= 5x",
-                    f"{speedup:.2f}x", verdict(speedup >= 5)))
-    results.clear()
+    return [Row("5", f"exhaustive patching, batched (atp_minimal.verify, chunk_size={s.chunk_size}): "
+                f"{len(nodes)} neurons, layers 0 and {L - 1}, positions {nodes[0][2]} and {s.T - 1} "
+                f"({moved} of {len(nodes)} move)", "-",
+                f"{per_node_batched:.3f} F per node = {1 / (per_node_batched * F_sec):.1f} nodes/s "
+                f"(call: {batched.text()})", "-"),
+            Row("5", "exhaustive patching, naive: one full forward of the B pairs per node (the loop of "
+                f"atp_minimal.activation_patching_reference; {len(naive_nodes)} nodes timed)", "-",
+                f"{per_node_naive:.3f} F per node = {1 / (per_node_naive * F_sec):.1f} nodes/s; "
+                f"effects agree with batched (max rel. diff {agree:.1e})", "-"),
+            Row("5", "exhaustive patching speedup, batched over naive (neurons)", ">= 5x",
+                f"{speedup:.2f}x", verdict(speedup >= 5))]
 
-    # 1. the unit, now that all F samples are in
-    Fs = clock.F_samples
-    rows.insert(0, Row("1", f"forward pass F: B={B} clean prompts, T={T}, no grad (the unit)", "unit",
-                       f"1 F = {1e3 * statistics.median(Fs):.1f} ms (median of {len(Fs)} timings; "
-                       f"range {1e3 * min(Fs):.1f}-{1e3 * max(Fs):.1f} ms)", "-"))
 
-    # 6. key fix scaling
-    log("row 6: key fix scaling")
+def time_key_fix(run: Run) -> List[tuple]:
+    """Row 6's timings: atp_minimal.key_fix (closed form, O(T^2)) and key_fix_reference (literal, O(T^3))
+    per call at each T in s.keyfix_T, the reference only up to s.keyfix_naive_max_T. Returns, per T,
+    (T, closed s, reference s or None, max rel. diff or None)."""
+    run.log("row 6: key fix scaling")
+    s, cfg = run.s, run.model.config
     g = torch.Generator().manual_seed(s.seed)
-    H, Dh = cfg.n_head, cfg.d_head
     fns, agreement = [], {}  # fns: (T, "closed" or "naive", callable)
-    for Tk in s.keyfix_T:
-        rnd = lambda *shape: torch.randn(*shape, generator=g).to(device)
-        q, k_c = rnd(1, Tk, H, Dh), rnd(1, Tk, H, Dh)
-        k_n = k_c + 0.5 * rnd(1, Tk, H, Dh)
-        scale = Dh ** -0.5
-        causal = torch.ones(Tk, Tk, dtype=torch.bool, device=device).tril()
-        scores = ((q.transpose(1, 2) @ k_c.permute(0, 2, 3, 1)) * scale).masked_fill(~causal, float("-inf"))
-        G = rnd(1, H, Tk, Tk)
-        args_ = (q, k_c, k_n, scores, G, scale)
-        fns.append((Tk, "closed", lambda a=args_: atp.key_fix(*a)))
-        if Tk <= s.keyfix_naive_max_T:
-            fns.append((Tk, "naive", lambda a=args_: key_fix_naive(*a)))
-            agreement[Tk] = max_rel_diff(fns[-2][2](), fns[-1][2]())
-    timed = dict(zip([(Tk, which) for Tk, which, _ in fns], clock.per_call([f for _, _, f in fns], s.repeats)))
-    kf = [(Tk, timed[(Tk, "closed")], timed.get((Tk, "naive")), agreement.get(Tk)) for Tk in s.keyfix_T]
-    fit = lambda pts: loglog_slope([p[0] for p in pts], [p[1] for p in pts])
-    closed_pts = [(Tk, tc) for Tk, tc, _, _ in kf][-3:]
-    naive_pts = [(Tk, tn) for Tk, _, tn, _ in kf if tn is not None][-3:]
-    p_closed, p_naive = fit(closed_pts), fit(naive_pts)
-    last_naive_T, last_naive_t = naive_pts[-1]
-    kf_lines = ["| T | key_fix (closed form) | naive O(T^3) | naive / closed | max rel. diff |",
-                "|---|---|---|---|---|"]
-    for Tk, tc, tn, agree_kf in kf:
-        if tn is None:
-            tn = last_naive_t * (Tk / last_naive_T) ** p_naive
-            kf_lines.append(f"| {Tk} | {1e3 * tc:.3f} ms | ~{1e3 * tn:.1f} ms (extrapolated) | ~{tn / tc:.0f}x | - |")
-        else:
-            kf_lines.append(f"| {Tk} | {1e3 * tc:.3f} ms | {1e3 * tn:.2f} ms | {tn / tc:.0f}x | {agree_kf:.1e} |")
-    Tmax = kf[-1][0]
-    t_naive_max = kf[-1][2] or last_naive_t * (Tmax / last_naive_T) ** p_naive
-    rows.append(Row("6", f"key fix, closed form: exponent p of time ~ T^p (fit on T = "
-                    f"{', '.join(str(t) for t, _ in closed_pts)})", "<= 2.5 (O(T^2))", f"{p_closed:.2f}",
-                    verdict(p_closed <= 2.5)))
-    rows.append(Row("6", f"key fix, naive: exponent (fit on T = {', '.join(str(t) for t, _ in naive_pts)})",
-                    "- (O(T^3))", f"{p_naive:.2f}", "-"))
-    rows.append(Row("6", f"key fix speedup, closed form over naive, at T={Tmax}", "-",
-                    f"{'~' if kf[-1][2] is None else ''}{t_naive_max / kf[-1][1]:.0f}x", "-"))
+    for T in s.keyfix_T:
+        args = random_key_fix_inputs(T, cfg.n_head, cfg.d_head, run.model.attention_scale(0), g, s.device)
+        fns.append((T, "closed", lambda a=args: atp.key_fix(*a)))  # (1, S, H)
+        if T <= s.keyfix_naive_max_T:
+            fns.append((T, "naive", lambda a=args: atp.key_fix_reference(*a)))  # (1, S, H)
+            agreement[T] = max_rel_diff(fns[-2][2](), fns[-1][2]())
+    timed = dict(zip([(T, which) for T, which, _ in fns], run.clock.per_call([f for _, _, f in fns], s.repeats)))
+    return [(T, timed[(T, "closed")], timed.get((T, "naive")), agreement.get(T)) for T in s.keyfix_T]
 
-    # 7. memory
-    log("row 7: peak memory (fresh subprocesses)" if s.device == "cpu" else "row 7: peak memory")
-    mem = measure_memory_cpu(s, threads) if s.device == "cpu" else measure_memory_cuda(s)
-    npp = lambda n_layer: n_layer * (4 * cfg.n_head + cfg.d_mlp)  # nodes per position
-    mb = lambda v: "OOM" if math.isnan(v) else f"{v:.0f}"
-    mem_lines = ["| L | T | nodes per position | forward peak MB | " +
-                 ("AtP peak MB | " if s.memory_atp_reference else "") +
-                 "AtP* peak MB | AtP* bytes / (T x nodes per position) |",
-                 "|---|---|---|---|" + ("---|" if s.memory_atp_reference else "") + "---|---|"]
-    for n_layer, Tm, m in mem:
-        mem_lines.append(f"| {n_layer} | {Tm} | {npp(n_layer)} | {mb(m['forward'])} | " +
-                         (f"{mb(m['atp'])} | " if s.memory_atp_reference else "") +
-                         f"{mb(m['atp_star'])} | {mb(m['atp_star'] * 2 ** 20 / (Tm * npp(n_layer)))} |")
-    ok = [(n_layer, Tm, m) for n_layer, Tm, m in mem if not math.isnan(m["atp_star"])]
-    full_L = [(Tm, m["atp_star"]) for n_layer, Tm, m in ok if n_layer == L]
+
+def rows_key_fix(kf: List[tuple]) -> Tuple[List[Row], List[str]]:
+    """Row 6 from time_key_fix's timings: the fitted exponents (last 3 T each), the speedup at the largest
+    T, and the per-T table; reference times above keyfix_naive_max_T are extrapolated with its exponent."""
+    fit = lambda pts: loglog_slope([p[0] for p in pts], [p[1] for p in pts])
+    closed_pts = [(T, tc) for T, tc, _, _ in kf][-3:]
+    naive_pts = [(T, tn) for T, _, tn, _ in kf if tn is not None][-3:]
+    p_closed, p_naive = fit(closed_pts), fit(naive_pts)
+    last_T, last_t = naive_pts[-1]
+    lines = ["| T | key_fix (closed form) | key_fix_reference O(T^3) | reference / closed | max rel. diff |",
+             "|---|---|---|---|---|"]
+    for T, tc, tn, agree in kf:
+        if tn is None:
+            tn = last_t * (T / last_T) ** p_naive
+            lines.append(f"| {T} | {1e3 * tc:.3f} ms | ~{1e3 * tn:.1f} ms (extrapolated) | ~{tn / tc:.0f}x | - |")
+        else:
+            lines.append(f"| {T} | {1e3 * tc:.3f} ms | {1e3 * tn:.2f} ms | {tn / tc:.0f}x | {agree:.1e} |")
+    T_max, t_closed_max, t_naive_max, _ = kf[-1]
+    extrapolated = t_naive_max is None
+    t_naive_max = t_naive_max or last_t * (T_max / last_T) ** p_naive
+    rows = [Row("6", f"key fix, closed form (atp_minimal.key_fix): exponent p of time ~ T^p (fit on T = "
+                f"{', '.join(str(t) for t, _ in closed_pts)})", "<= 2.5 (O(T^2))", f"{p_closed:.2f}",
+                verdict(p_closed <= 2.5)),
+            Row("6", f"key fix, literal (atp_minimal.key_fix_reference): exponent (fit on T = "
+                f"{', '.join(str(t) for t, _ in naive_pts)})", "- (O(T^3))", f"{p_naive:.2f}", "-"),
+            Row("6", f"key fix speedup, closed form over literal, at T={T_max}", "-",
+                f"{'~' if extrapolated else ''}{t_naive_max / t_closed_max:.0f}x", "-")]
+    return rows, lines
+
+
+def rows_memory(run: Run, mem) -> List[Row]:
+    """Row 7 from the peaks: AtP*'s exponent in T at full depth, its growth from a shallower model at equal
+    T (linear in L is the target), AtP* over AtP, and that atp_star returns no autograd graph."""
+    L, rows = run.model.config.n_layer, []
+    ok = [(n_layer, T, m) for n_layer, T, m in mem if not math.isnan(m["atp_star"])]
+    full_L = [(T, m["atp_star"]) for n_layer, T, m in ok if n_layer == L]
     if len(full_L) >= 2:
         p_T = loglog_slope([t for t, _ in full_L], [v for _, v in full_L])
         rows.append(Row("7", f"AtP* peak memory vs T (L={L}, T = {', '.join(str(t) for t, _ in full_L)}): "
                         "exponent p of MB ~ T^p", "<= 1.25 (linear in T)",
                         f"{p_T:.2f} ({', '.join(f'{v:.0f}' for _, v in full_L)} MB)", verdict(p_T <= 1.25)))
-    by_LT = {(n_layer, Tm): m["atp_star"] for n_layer, Tm, m in ok}
-    pairs = [(Tm, n_layer, by_LT[(L, Tm)] / v) for (n_layer, Tm), v in by_LT.items()
-             if n_layer < L and (L, Tm) in by_LT]
+    by_LT = {(n_layer, T): m["atp_star"] for n_layer, T, m in ok}
+    pairs = [(T, n_layer, by_LT[(L, T)] / v) for (n_layer, T), v in by_LT.items() if n_layer < L and (L, T) in by_LT]
     if pairs:
         small_L = min(n for _, n, _ in pairs)
         limit = 1.125 * L / small_L  # linear in L gives L / small_L; L x growth (quadratic) its square
-        worst = max(r for _, _, r in pairs)
         rows.append(Row("7", f"AtP* peak memory, L={L} over L={small_L} at equal T", f"<= {limit:.2f} "
                         f"(linear in L: {L / small_L:.0f}; L x growth: {(L / small_L) ** 2:.0f})",
-                        ", ".join(f"{r:.2f} at T={t}" for t, _, r in pairs), verdict(worst <= limit)))
-    if s.memory_atp_reference:
-        star_over_atp = [m["atp_star"] / m["atp"] for _, _, m in ok if not math.isnan(m["atp"])]
-        if star_over_atp:
-            rows.append(Row("7", "AtP* peak / AtP peak (ideally ~1: GradDrop needs no extra copies per layer)", "-",
-                            f"{min(star_over_atp):.2f}-{max(star_over_atp):.2f}", "-"))
+                        ", ".join(f"{r:.2f} at T={t}" for t, _, r in pairs),
+                        verdict(max(r for _, _, r in pairs) <= limit)))
+    star_over_atp = [m["atp_star"] / m["atp"] for _, _, m in ok if not math.isnan(m.get("atp", math.nan))]
+    if run.s.memory_atp_reference and star_over_atp:
+        rows.append(Row("7", "AtP* peak / AtP peak (ideally ~1: GradDrop needs no extra copies per layer)", "-",
+                        f"{min(star_over_atp):.2f}-{max(star_over_atp):.2f}", "-"))
     graph = any(m.get("graph", False) for _, _, m in mem)
     rows.append(Row("7", "scores returned by atp_star are plain tensors (no autograd graph attached, which would keep "
                     "the forward's saved tensors alive)", "no graph", "graph attached" if graph else "no graph",
                     verdict(not graph)))
+    return rows
 
-    profile_lines = []
-    if s.profile:
-        log("profile of AtP*")
-        profile_lines = profile_atp_star(model, clean, noise, metric)
-    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
-    log("done")
 
-    # --- markdown
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else (platform.processor() or platform.machine()))
-    cpu_model = ""
+def memory_table(run: Run, mem) -> List[str]:
+    """Row 7's per-configuration table: peaks in MB above the baseline, and AtP*'s bytes per node."""
+    cfg, with_atp = run.model.config, run.s.memory_atp_reference
+    npp = lambda n_layer: nodes_per_position(cfg, n_layer)
+    mb = lambda v: "OOM" if math.isnan(v) else f"{v:.0f}"
+    lines = ["| L | T | nodes per position | forward peak MB | " + ("AtP peak MB | " if with_atp else "") +
+             "AtP* peak MB | AtP* bytes / (T x nodes per position) |",
+             "|---|---|---|---|" + ("---|" if with_atp else "") + "---|---|"]
+    for n_layer, T, m in mem:
+        lines.append(f"| {n_layer} | {T} | {npp(n_layer)} | {mb(m['forward'])} | " +
+                     (f"{mb(m['atp'])} | " if with_atp else "") +
+                     f"{mb(m['atp_star'])} | {mb(m['atp_star'] * 2 ** 20 / (T * npp(n_layer)))} |")
+    return lines
+
+
+def describe_run(run: Run, threads: int, threads_why: str, load_start, digest_start: str) -> List[str]:
+    """The section's heading and the paragraph that says what was measured, how, and under what load."""
+    s, cfg, device = run.s, run.model.config, torch.device(run.s.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     if device.type == "cpu" and os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    out = [f"## {device.type.upper()}: {cpu_model or name}", "",
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    out = [f"## {device.type.upper()}: {name}", "",
            f"torch {torch.__version__}, torch threads: {threads} of {usable_cores()} cores ({threads_why}), "
            f"{str(s.dtype).replace('torch.', '')} model; GPT-2-small "
-           f"shape with random weights (L={L}, H={cfg.n_head}, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}, vocab "
-           f"{cfg.vocab_size}); B={B} prompt pairs, T={T}; noise differs at positions {diff_positions(T)}; "
+           f"shape with random weights (L={cfg.n_layer}, H={cfg.n_head}, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}, "
+           f"vocab {cfg.vocab_size}); B={s.B} prompt pairs, T={s.T}; noise differs at positions {diff_positions(s.T)}; "
            f"metric logit_diff at the last position; after one warm-up, {s.repeats} timed repeats per row "
-           f"({s.heavy_repeats} for the naive references and the patching sweep), median reported. "
-           f"Run time {time.perf_counter() - t_start:.0f} s."]
+           f"({s.heavy_repeats} for the reference forms and the patching sweep), median reported. "
+           f"Run time {time.perf_counter() - run.t_start:.0f} s."]
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     if load_start is not None:
         cores = usable_cores()
         busy = max(load_start[0], load_end[0]) > cores + 0.5
@@ -742,34 +714,83 @@ def run_table(s: Settings, threads: int, threads_why: str = "--threads") -> List
                ("." if digest_end == digest_start else
                 f" at the start, {digest_end} at the end: the code changed during the run, so rows measured "
                 "after the change (and the memory subprocesses) may have run the new version; rerun."))
-    out += ["", "| # | measurement | target | measured | status |", "|---|---|---|---|---|"]
+    return out
+
+
+def render(run: Run, rows: List[Row], key_fix_lines: List[str], memory_lines: List[str],
+           profile_lines: List[str]) -> List[str]:
+    """The table of rows, then the notes and tables that rows 5-7 refer to, then the profile."""
+    cfg, s = run.model.config, run.s
+    out = ["", "| # | measurement | target | measured | status |", "|---|---|---|---|---|"]
     out += [f"| {r.num} | {r.what} | {r.target} | {r.measured} | {r.status} |" for r in rows]
-    out += ["", "Row 5: a node is one (layer, position, neuron), patched with its noise value in all B pairs at "
+    out += ["", "Row 4: atp_star_reference is GradDrop as the paper defines it, built from atp_estimates_reference; "
+            "each of its L passes also reruns the noise forward (L - 1 F more than a loop that caches it once) "
+            "and computes the key fix literally (key_fix_reference).",
+            "", "Row 5: a node is one (layer, position, neuron), patched with its noise value in all B pairs at "
             "once; one node gives I(n) for every pair. The batched time includes atp_minimal.verify's own clean "
-            "and noise caching forwards; the naive loop's noise values are cached beforehand, not timed. "
-            "Layers 0 and L-1 are patched equally often: resuming at them runs L and 1 blocks, on average the "
-            "same as a sweep over every layer.",
-            "", f"### Row 6: key fix timings (B=1, H={H}, Dh={Dh}, float32; median per call over {s.repeats} rounds "
-            "that sample every T in turn)", ""] + kf_lines
-    out += ["", f"### Row 7: peak memory above the baseline (model + inputs), B={B}", "",
+            "and noise caching forwards; the naive loop's noise values are cached beforehand, not timed (so each "
+            "node costs one patched forward; patch_nodes and verify_reference also rerun the noise and clean "
+            "forwards for every node, 3 F per node). Layers 0 and L-1 are patched equally often: resuming at "
+            "them runs L and 1 blocks, on average the same as a sweep over every layer.",
+            "", f"### Row 6: key fix timings (B=1, H={cfg.n_head}, Dh={cfg.d_head}, float32; median per call over "
+            f"{s.repeats} rounds that sample every T in turn)", ""] + key_fix_lines
+    out += ["", f"### Row 7: peak memory above the baseline (model + inputs), B={s.B}", "",
             ("Each configuration runs in a fresh process: peak = VmHWM (reset via /proc/self/clear_refs) minus "
              "VmRSS before the run, with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors are unmapped and "
              "the RSS follows live tensor memory. A tiny AtP* run first pulls in one-off library buffers. "
              "Same thread count as above."
-             if device.type == "cpu" else
+             if s.device == "cpu" else
              "torch.cuda.max_memory_allocated() minus memory_allocated() before the run (model and inputs)."),
-            ""] + mem_lines
+            ""] + memory_lines
     if profile_lines:
         out += ["", "### Where AtP* spends its time", ""] + profile_lines
     return out
 
 
+def run_table(s: Settings, threads: int, threads_why: str = "--threads") -> List[str]:
+    """Measure every row on s.device, in the order below (F is timed around all of rows 1-5); return the
+    markdown section."""
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    digest_start = source_digest()
+    run = start_run(s)
+    rows = [row_forward_backward(run)]
+    atp_rows, m_star = rows_atp(run)
+    rows += atp_rows + [row_literal_grad_drop(run, m_star)]
+    del m_star
+    rows += rows_patching(run)
+    rows.insert(0, row_unit(run))  # now that all F samples are in
+    key_fix_rows, key_fix_lines = rows_key_fix(time_key_fix(run))
+    run.log("row 7: peak memory (fresh subprocesses)" if s.device == "cpu" else "row 7: peak memory")
+    mem = measure_memory_cpu(s, threads) if s.device == "cpu" else measure_memory_cuda(s)
+    rows += key_fix_rows + rows_memory(run, mem)
+    profile_lines = []
+    if s.profile:
+        run.log("profile of AtP*")
+        profile_lines = profile_atp_star(run.model, run.clean, run.noise, run.metric)
+    run.log("done")
+    return (describe_run(run, threads, threads_why, load_start, digest_start) +
+            render(run, rows, key_fix_lines, memory_table(run, mem), profile_lines))
+
+
+
+def write_report(lines, path):
+    """Print the report's lines and write them to path (its folder made if needed)."""
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute on 2 idle CPU cores")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_cpu.md"), help="CPU table (markdown)")
-    parser.add_argument("--gpu-out", default=os.path.join(HERE, "results", "bench_gpu.md"),
-                        help="GPU table (markdown), written when CUDA is available")
+    parser.add_argument("--out", default=None, help="CPU table (markdown); default results/bench_cpu.md, "
+                        "or out/bench_cpu.md with --quick (a quick run never overwrites the shipped table)")
+    parser.add_argument("--gpu-out", default=None,
+                        help="GPU table (markdown), written when CUDA is available; default results/bench_gpu.md, "
+                        "or out/bench_gpu.md with --quick")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the CPU table, and the GPU table too when CUDA is available")
     parser.add_argument("--threads", type=int, default=None,
@@ -781,12 +802,16 @@ def main(argv=None):
     parser.add_argument("--memory-child", nargs=6, metavar=("L", "T", "B", "SEED", "THREADS", "ATP"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    folder = os.path.join(HERE, "out" if args.quick else "results")
+    args.out = args.out or os.path.join(folder, "bench_cpu.md")
+    args.gpu_out = args.gpu_out or os.path.join(folder, "bench_gpu.md")
     if args.memory_child:
         L, T, B, seed, threads, with_atp = (int(x) for x in args.memory_child)
         memory_child(L, T, B, seed, threads, bool(with_atp))
         return
     threads = args.threads or auto_threads()
-    threads_why = "--threads" if args.threads else "the cores the 1-minute load average left free"
+    threads_why = ("fixed by --threads, not left to the load average, which on a shared machine moves from run to "
+                   "run" if args.threads else "the cores the 1-minute load average left free")
     torch.set_num_threads(threads)
 
     jobs = []
@@ -799,16 +824,85 @@ def main(argv=None):
     for settings, path in jobs:
         print(f"== {settings.device}: B={settings.B}, T={settings.T}, {settings.dtype}", flush=True)
         lines = ["# AtP* benchmark: cost in forward passes", "",
-                 f"`python bench.py{' --quick' if args.quick else ''}`. F = one forward pass (no grad) of the "
+                 f"`python bench.py{' --quick' if args.quick else ''}"
+                 f"{f' --threads {args.threads}' if args.threads else ''}`. F = one forward pass (no grad) of the "
                  "B clean prompts, timed around every repeat of every row; each ratio is a method's time over "
                  "the mean of the two F timings around it.", ""] + run_table(settings, threads, threads_why)
-        text = "\n".join(lines) + "\n"
-        print("\n" + text)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-        print(f"wrote {path}")
+        write_report(lines, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# --- exact patching on a TransformerLens model: tl_adapter's resumed sweep vs TransformerLens's helpers
+
+
+def bench_tl_adapter(T=16, sample=24, seed=0, threads=1, out=os.path.join(HERE, "results", "bench_tl_adapter.md")):
+    """Seconds per patched node, same process: atp_minimal.activation_patching on tl_adapter.adapt(model)
+    (batched nodes, resumed at the patched layer and position through TransformerLens's start_at_layer
+    and key-value cache, last-position logits only) against transformer_lens.patching's
+    get_act_patch_attn_head_{q,k,v,out}_by_pos (one full run_with_hooks forward per node), on a random
+    GPT-2-small-shaped HookedTransformer (float32, CPU), one prompt pair of T random tokens whose noise
+    prompt differs at position 0 (so every node moves and neither side can skip one). Ours sweeps every
+    node of a kind; TransformerLens's helpers a random sample of `sample` nodes per kind (index_df), whose
+    effects are also compared with ours. Writes a markdown table to `out`."""
+    import pandas as pd
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import patching as tl_patching
+    import tl_adapter
+    torch.set_num_threads(threads)
+    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
+                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LN", seed=seed)
+    model = HookedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, cfg.d_vocab, (1, T), generator=g)
+    noise = clean.clone()
+    noise[0, 0] = (clean[0, 0] + 1) % cfg.d_vocab
+    noise[0, T // 2] = (clean[0, T // 2] + 1) % cfg.d_vocab
+    metric = atp.logit_diff(11, 22)  # logit of token 11 minus token 22 at the last position
+    adapted = tl_adapter.adapt(model)
+    tl_patching.tqdm = lambda items, **kwargs: items  # no progress bars in the timings
+    helpers = {"q": tl_patching.get_act_patch_attn_head_q_by_pos, "k": tl_patching.get_act_patch_attn_head_k_by_pos,
+               "v": tl_patching.get_act_patch_attn_head_v_by_pos, "z": tl_patching.get_act_patch_attn_head_out_by_pos}
+    with torch.no_grad():
+        base = metric(model(clean)).item()
+        _, noise_cache = model.run_with_cache(noise)
+    rows, total_ours, total_theirs = [], 0.0, 0.0
+    for kind, helper in helpers.items():
+        start = time.perf_counter()
+        ours = atp.activation_patching(adapted, clean, noise, metric, kinds=(kind,), progress=False)[kind][0]  # (L, T, H)
+        ours_s = (time.perf_counter() - start) / ours.numel()
+        index = torch.randperm(ours.numel(), generator=g)[:sample]
+        l, t, h = (index // (T * cfg.n_heads)), (index // cfg.n_heads) % T, index % cfg.n_heads
+        index_df = pd.DataFrame({"layer": l.tolist(), "pos": t.tolist(), "head": h.tolist()})
+        start = time.perf_counter()
+        theirs = helper(model, clean, noise_cache, lambda logits: metric(logits).sum(),
+                        index_axis_names=None, index_df=index_df) - base
+        theirs_s = (time.perf_counter() - start) / sample
+        diff = (ours[l, t, h] - theirs).abs().max().item()
+        rows.append(f"| {kind} | {ours.numel()} | {1000 * ours_s:.2f} | {sample} | {1000 * theirs_s:.2f} | "
+                    f"{theirs_s / ours_s:.1f}x | {diff:.1e} |")
+        total_ours, total_theirs = total_ours + ours_s, total_theirs + theirs_s
+        print(rows[-1], flush=True)
+    lines = ["# Exact patching on a TransformerLens model: tl_adapter vs transformer_lens.patching", "",
+             f"`python bench.py --tl-adapter`: random GPT-2-small-shaped HookedTransformer (12 layers, 12 heads, "
+             f"d_model 768, vocab 50257), float32, CPU, {threads} thread(s), transformer-lens "
+             f"{tl_adapter.version('transformer-lens')}, torch {torch.__version__}. One prompt pair, T = {T}, noise "
+             f"differs at positions 0 and {T // 2}; metric: logit difference at the last position. Ours: every node "
+             f"of the kind; TransformerLens: {sample} random nodes of it. Max diff: our effect minus theirs on "
+             f"those nodes (float32).", "",
+             "| kind | nodes (ours) | ms/node (ours) | nodes (TL) | ms/node (TL) | speed-up | max diff |",
+             "|---|---|---|---|---|---|---|"] + rows + ["",
+             f"Mean over the four kinds: {total_theirs / total_ours:.1f}x fewer seconds per node than "
+             f"TransformerLens's helpers."]
+    write_report(lines, out)
 
 
 if __name__ == "__main__":
-    main()
+    if "--tl-adapter" in sys.argv[1:]:  # python bench.py --tl-adapter [--tl-seq T] [--threads N]
+        extra = argparse.ArgumentParser(description="exact patching: tl_adapter vs transformer_lens.patching")
+        extra.add_argument("--tl-adapter", action="store_true")
+        extra.add_argument("--tl-seq", type=int, default=16, help="prompt length T")
+        extra.add_argument("--threads", type=int, default=1)
+        extra_args = extra.parse_args()
+        bench_tl_adapter(T=extra_args.tl_seq, threads=extra_args.threads)
+    else:
+        main()

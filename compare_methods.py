@@ -1,6 +1,6 @@
 """
 How many forward passes does each node-ranking method need to find the important nodes? The comparison
-of the AtP* paper's §6-7 on the toy IOI model (or a real GPT-2): AtP, AtP+QK fix, AtP+GradDrop and AtP*
+of the AtP* paper's §4 Experiments on the toy IOI model (or a real GPT-2): AtP, AtP+QK fix, AtP+GradDrop and AtP*
 against the baselines that patch sets of nodes jointly (Subsampling, Blocks, Hierarchical grouping)
 and a random order, each scored by its cost of verified recall.
 
@@ -8,15 +8,16 @@ and a random order, each scored by its cost of verified recall.
   localizing LLM behaviour to components." https://arxiv.org/abs/2403.00745
 
 Every method outputs an order over ALL nodes of a node family and pays its own cost C. Verification then
-patches nodes one at a time in that order (§1.3). cost(x) = C + the verification passes spent until the
-true top-x nodes by |c(n)| are all verified (§7.3). The oracle verifies in the true order: cost(x) = x.
+patches nodes one at a time in that order (paper §2 Background). cost(x) = C + the verification passes spent until the
+true top-x nodes by |c(n)| are all verified (paper §4 Experiments). The oracle verifies in the true order: cost(x) = x.
+x runs over the nodes that count: |c(n)| >= COUNTED (1e-3) times the largest |c(n)| of the family.
 
-    python compare_methods.py            # toy IOI model: tables, CSV and plots in results/
-    python compare_methods.py --quick    # smoke run
-    python compare_methods.py --model DIR --device cuda   # a Hugging Face GPT-2 directory
+    python compare_methods.py            # toy IOI model, float64: tables, CSV and plots in results/
+    python compare_methods.py --quick    # smoke run, written to out/ (as is every non-default run)
+    python compare_methods.py --model DIR --device cuda --dtype float32   # a Hugging Face GPT-2 directory
 
 Dimension legend: B prompt pairs, L layers, T positions, U units of a site (heads or neurons),
-N nodes of a family, n candidate nodes (those a patch can change), S sets, X nodes with c(n) != 0.
+N nodes of a family, n candidate nodes (those a patch can change), S sets, X nodes that count (true_top).
 """
 
 import argparse
@@ -50,7 +51,7 @@ import atp_minimal as atp
 #                                 two QK^T-shaped products and two softmaxes, a fraction of that layer's
 #                                 forward pass, which does the same plus the projections and the MLP. So
 #                                 1 forward is an upper bound, not a measurement.
-#   GradDrop (§4.2)     +(L-1)    the pass that drops layer l (l = 1..L-1) backpropagates only through
+#   GradDrop (§3)        +(L-1)    the pass that drops layer l (l = 1..L-1) backpropagates only through
 #                                 layers 0..l-1 (atp_minimal's implementation): sum_l 2 l / L = L - 1.
 #                                 Dropping layer 0 needs no pass: its own nodes get 0 and no node sits
 #                                 below it. The paper's count, L full backward passes, would give 2 + 2L.
@@ -87,7 +88,7 @@ def atp_cost(n_layer, qk_fix=False, grad_drop=False, kinds=atp.KINDS):
 
 
 # --------------------------------------------------------------------------------------------------
-# --- node families (§1.1): attention nodes and MLP neurons, evaluated separately
+# --- node families (paper §4 Experiments): attention nodes and MLP neurons, evaluated separately
 
 FAMILIES = {"attention": ("q", "k", "v", "z"), "neurons": ("neuron",)}
 
@@ -141,7 +142,7 @@ def rank_by_score(score):
 
 
 def random_ranking(n, seed):
-    """The floor: a seeded random order (§6, activation patching in random order)."""
+    """The floor: a seeded random order (a baseline of the paper's §4 Experiments: activation patching in random order)."""
     return Ranking(torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
 
 
@@ -152,7 +153,7 @@ EffectOfSets = Callable[[torch.Tensor], torch.Tensor]
 
 
 def subsampling_ranking(effect_of_sets: EffectOfSets, n, n_samples, p, seed=0):
-    """Subsampling (§5.1, Algorithm 1): n_samples random subsets, each node in with probability p, each
+    """Subsampling (the paper's Algorithm 1): n_samples random subsets, each node in with probability p, each
     patched jointly; rank by |c_ss(n)| = |mean y over subsets with n - mean y over subsets without n|.
     Draws its subsets with atp.draw_subsets, as atp.subset_sampling does."""
     member = atp.draw_subsets(n_samples, n, p, seed)  # (K, n)
@@ -162,7 +163,7 @@ def subsampling_ranking(effect_of_sets: EffectOfSets, n, n_samples, p, seed=0):
 
 
 def blocks_ranking(effect_of_sets: EffectOfSets, n, block_size):
-    """Blocks (§6): contiguous blocks of `block_size` nodes in natural order, each patched jointly.
+    """Blocks (a baseline of the paper's §4 Experiments): contiguous blocks of `block_size` nodes in natural order, each patched jointly.
     Verify block by block, largest |block effect| first; inside a block, natural order."""
     starts = list(range(0, n, block_size))
     member = torch.zeros(len(starts), n, dtype=torch.bool)  # (ceil(n/b), n)
@@ -178,7 +179,7 @@ def blocks_ranking(effect_of_sets: EffectOfSets, n, block_size):
 
 
 def hierarchical_ranking(effect_of_sets: EffectOfSets, n, branching=4, budget=None):
-    """Hierarchical grouping (§6): a tree of nested contiguous groups, each split into `branching`
+    """Hierarchical grouping (a baseline of the paper's §4 Experiments): a tree of nested contiguous groups, each split into `branching`
     near-equal children, down to single nodes. Best-first: take the patched group with the largest
     |effect|; a single node is reached (its patch was exact), a larger group has its children patched,
     one set each, while the budget (set patches; None: no limit) allows. Order: nodes in the order
@@ -257,24 +258,43 @@ class SetPatcher:
 
 
 # --------------------------------------------------------------------------------------------------
-# --- evaluation (§7.3): cost of verified recall, relative cost
+# --- evaluation (paper §4 Experiments): the nodes that count, cost of verified recall, relative cost
+
+# A node counts toward the true top-x when |c(n)| >= COUNTED * the largest |c(n)| of its family in that
+# setting. A definition of the model's behaviour, not of the CPU: "c(n) != 0" would count rounding
+# residue too (nodes whose c(n) is 1e-6 of a logit in float32, 1e-15 in float64, and exactly 0.0 or not
+# depending on the math library's code path), and it moved X, and with it every relative cost, from
+# one CPU to another. Effects below a thousandth of the largest are not what verification is for, and
+# a relative threshold carries over to models of any scale. The comparison computes c(n) in float64
+# (main's --dtype), so no node's side of the threshold depends on rounding either.
+COUNTED = 1e-3
+
+
+def true_top(truth):
+    """The nodes that count, best first: (X,) indices of |c(n)| >= COUNTED * max |c(n)|, sorted by |c(n)|
+    (ties: natural order). truth: (N,) c(n). Every node counts for nothing when all c(n) are 0."""
+    size = truth.abs()
+    if size.numel() == 0 or size.max() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    X = int((size >= COUNTED * size.max()).sum())
+    return torch.sort(size, descending=True, stable=True).indices[:X]
+
 
 def cost_of_verified_recall(order, truth, own_cost, exact=None):
-    """cost(x) for x = 1..X, X = number of nodes with c(n) != 0 (nodes with c(n) = 0 exactly, such as
-    positions the noise prompt leaves unchanged, are never a true top-x node). cost(x) = own_cost +
-    verification passes, verifying in `order`, until the true top-x by |c(n)| (ties: natural order) are
-    all verified; nodes in `exact` were already patched alone by the method and cost nothing to verify.
+    """cost(x) for x = 1..X over the X nodes that count (`true_top`). cost(x) = own_cost + the verification
+    passes, verifying in `order`, until the true top-x are all verified: that is, up to position
+    atp.verifications_needed(order, true top-x) of the order, for every x at once (a running maximum of
+    positions). Nodes in `exact` were already patched alone by the method and cost nothing to verify.
     order: (N,) a permutation of the nodes; truth: (N,) c(n); exact: (N,) bool. Returns (X,) float64."""
     N = truth.numel()
     if order.numel() != N or not torch.equal(torch.sort(order).values, torch.arange(N)):
         raise ValueError(f"order must be a permutation of all {N} nodes")
-    X = int((truth != 0).sum())
-    true_top = torch.sort(truth.abs(), descending=True, stable=True).indices[:X]  # (X,)
+    top = true_top(truth)  # (X,)
     position = torch.empty(N, dtype=torch.long)
     position[order] = torch.arange(N)  # position[node] = its place in `order`
     paid = torch.ones(N, dtype=torch.float64) if exact is None else (~exact).double()  # (N,)
     spent = paid[order].cumsum(0)  # (N,): verification passes after verifying order[:i+1]
-    deepest = position[true_top].cummax(0).values  # (X,): how far into `order` the true top-x reach
+    deepest = position[top].cummax(0).values  # (X,): verifications_needed(order, top[:x]) - 1
     return own_cost + VERIFY * spent[deepest]  # (X,)
 
 
@@ -292,7 +312,7 @@ def geometric_stats(values):
 
 
 # --------------------------------------------------------------------------------------------------
-# --- one setting: D = the given prompt pairs (B = 1: single prompt pair, §7.2 IOI-PP)
+# --- one setting: D = the given prompt pairs (B = 1: single prompt pair, as the paper's IOI-PP)
 
 ATP_METHODS = {"AtP": (False, False), "AtP+QK fix": (True, False), "AtP+GradDrop": (False, True),
                "AtP*": (True, True)}
@@ -327,87 +347,110 @@ def run_baseline(method, effect_of_sets, n, seed, kwargs):
     return hierarchical_ranking(effect_of_sets, n, branching=4, **kwargs)
 
 
+def atp_scores(model, clean, noise, metric, kinds):
+    """method -> kind -> (L, T, U) scores of the four AtP variants, and method -> seconds."""
+    scores, seconds = {}, {}
+    for name, (qk_fix, grad_drop) in ATP_METHODS.items():
+        start = time.perf_counter()
+        est = atp.attribution_patching(model, clean, noise, metric, kinds, qk_fix=qk_fix, grad_drop=grad_drop)
+        # AtP: |.| per prompt pair, then the mean; GradDrop's per-pair scores are already >= 0
+        scores[name] = {k: (v if grad_drop else v.abs()).mean(0) for k, v in est.items()}  # kind -> (L, T, U)
+        seconds[name] = time.perf_counter() - start
+    return scores, seconds
+
+
+def moved_nodes(model, clean, noise, kinds):
+    """kind -> (L, T, U) bool: nodes the noise prompt moves in some pair (atp.moved). The others have
+    I(n) = 0 exactly; the clean and noise forwards, charged to every method, reveal them."""
+    with torch.no_grad():
+        sites = [atp.site(k, l) for k in kinds for l in range(model.config.n_layer)]
+        _, clean_cache = atp.run_with_cache(model, clean, sites)
+        _, noise_cache = atp.run_with_cache(model, noise, sites)
+    return {k: torch.stack([atp.moved(clean_cache, noise_cache, k, l) for l in range(model.config.n_layer)])
+            for k in kinds}
+
+
+class FamilyRun:
+    """One node family in one setting: c(n), the candidates (moved nodes) that every method ranks, and
+    the rows and curves of the rankings scored so far. Unmoved nodes go last, in natural order."""
+
+    def __init__(self, fam, c, moved):
+        self.fam, self.c = fam, c  # c: (N,) float64
+        self.candidates = moved.nonzero()[:, 0]  # (n,)
+        self.rest = (~moved).nonzero()[:, 0]  # (N - n,)
+        self.n = len(self.candidates)
+        self.rows, self.curves = [], {}
+
+    def record(self, method, ranking, own_cost, seed, secs, factor="", label=""):
+        """Score one ranking of the candidates; factor "" is the main comparison, "×..." the sweep."""
+        order = torch.cat([self.candidates[ranking.order], self.rest])  # (N,): unmoved nodes last
+        exact = torch.zeros(self.fam.N, dtype=torch.bool)
+        if ranking.exact is not None:
+            exact[self.candidates[ranking.exact]] = True
+        curve = cost_of_verified_recall(order, self.c, own_cost, exact)  # (X,)
+        if not factor:
+            self.curves.setdefault((self.fam.name, method), []).append(curve)
+        # The order's quality alone: relative cost of the verification passes without C (only where
+        # nothing was verified for free, so that cost(x) - C >= x still holds).
+        no_c = relative_cost(curve - own_cost) if not exact.any() else None
+        self.rows.append(dict(family=self.fam.name, method=method, setting=factor, label=label, seed=seed,
+                              own_cost=own_cost, rel_cost=relative_cost(curve), rel_cost_no_c=no_c, n=self.n,
+                              X=curve.numel(), seconds=secs))
+
+
+def score_baselines(run, patcher, seeds, sweep):
+    """Subsampling, Blocks and Hierarchical at their default settings (and the sweep), on one family."""
+    for method, settings in baseline_settings(run.n, sweep).items():
+        for j, (factor, label, kwargs) in enumerate(settings):
+            for seed in (seeds if method == "Subsampling" else (None,)):
+                start = time.perf_counter()
+                try:
+                    ranking = run_baseline(method, patcher, run.n, seed, kwargs)
+                except ValueError as err:  # Subsampling: a node in (or out of) fewer than 2 subsets
+                    if j == 0:
+                        raise
+                    print(f"  {run.fam.name} {method} {label}: skipped ({err})")
+                    continue
+                secs = time.perf_counter() - start
+                own_cost = BASE + PATCH * ranking.n_sets  # counted by the ranker
+                if j == 0:
+                    run.record(method, ranking, own_cost, seed, secs, label=label)
+                if sweep:  # (wall time only for the default: the other settings replay its patches)
+                    run.record(method, ranking, own_cost, seed, secs if j == 0 else None, factor=factor, label=label)
+
+
 def evaluate_setting(model, clean, noise, metric, seeds=(0,), families=FAMILIES, sweep=False):
     """Rank every family's nodes with every method and score each order against exact activation
     patching. clean, noise: (B, T). Returns (rows, curves): rows are dicts (family, method, setting, seed,
     own_cost, rel_cost, n, X, seconds); curves maps (family, method) -> list of cost(x) tensors (X,).
     Deterministic methods run once (seed None); Subsampling and Random once per seed."""
-    cfg = model.config
-    B, T = clean.shape
+    cfg, T = model.config, clean.shape[1]
     kinds = tuple(k for fam in families.values() for k in fam)
     start = time.perf_counter()
     truth = atp.activation_patching(model, clean, noise, metric, kinds, progress=False)  # kind -> (B, L, T, U)
     truth_seconds = time.perf_counter() - start
-    scores, seconds = {}, {}
-    for name, (qk_fix, grad_drop) in ATP_METHODS.items():
-        start = time.perf_counter()
-        est = atp.attribution_patching(model, clean, noise, metric, kinds, qk_fix=qk_fix, grad_drop=grad_drop)
-        # §2: |.| per prompt pair, then the mean; GradDrop's per-pair scores are already >= 0 (§4.2)
-        scores[name] = {k: (v if grad_drop else v.abs()).mean(0) for k, v in est.items()}  # kind -> (L, T, U)
-        seconds[name] = time.perf_counter() - start
-    # Nodes the noise prompt does not move (same value in every pair) have I(n) = 0 exactly; the clean
-    # and noise forwards (charged to every method) reveal them. Every method ranks only the others, the
-    # candidates, and lists the unmoved nodes last in natural order.
-    with torch.no_grad():
-        sites = [atp.site(k, l) for k in kinds for l in range(cfg.n_layer)]
-        _, clean_cache = atp.run_with_cache(model, clean, sites)
-        _, noise_cache = atp.run_with_cache(model, noise, sites)
-    moved = {k: torch.stack([(atp.as_units(noise_cache[atp.site(k, l)]) - atp.as_units(clean_cache[atp.site(k, l)])
-                              != 0).any(-1).any(0) for l in range(cfg.n_layer)]) for k in kinds}  # (L, T, U)
-
+    scores, seconds = atp_scores(model, clean, noise, metric, kinds)
+    moved = moved_nodes(model, clean, noise, kinds)
     rows, curves = [], {}
     for fam_name, fam_kinds in families.items():
         fam = Family(fam_name, fam_kinds, cfg, T)
-        c = fam.vector({k: truth[k].mean(0) for k in fam_kinds}).double()  # (N,): c(n), §1.2
-        candidates = fam.vector({k: moved[k] for k in fam_kinds}).nonzero()[:, 0]  # (n,)
-        rest = (~fam.vector({k: moved[k] for k in fam_kinds})).nonzero()[:, 0]  # (N - n,)
-        n = len(candidates)
-
-        def record(method, ranking, own_cost, seed, secs, factor="", label=""):
-            """Score one ranking of the candidates; factor "" is the main comparison, "×..." the sweep."""
-            order = torch.cat([candidates[ranking.order], rest])  # (N,): unmoved nodes last
-            exact = torch.zeros(fam.N, dtype=torch.bool)
-            if ranking.exact is not None:
-                exact[candidates[ranking.exact]] = True
-            curve = cost_of_verified_recall(order, c, own_cost, exact)  # (X,)
-            if not factor:
-                curves.setdefault((fam_name, method), []).append(curve)
-            # The order's quality alone: relative cost of the verification passes without C (only where
-            # nothing was verified for free, so that cost(x) - C >= x still holds).
-            no_c = relative_cost(curve - own_cost) if not exact.any() else None
-            rows.append(dict(family=fam_name, method=method, setting=factor, label=label, seed=seed,
-                             own_cost=own_cost, rel_cost=relative_cost(curve), rel_cost_no_c=no_c, n=n,
-                             X=curve.numel(), seconds=secs))
-
+        run = FamilyRun(fam, fam.vector({k: truth[k].mean(0) for k in fam_kinds}).double(),  # c(n)
+                        fam.vector({k: moved[k] for k in fam_kinds}))
         for name, (qk_fix, grad_drop) in ATP_METHODS.items():
-            score = fam.vector({k: scores[name][k] for k in fam_kinds})[candidates]  # (n,)
-            record(name, Ranking(rank_by_score(score)), atp_cost(cfg.n_layer, qk_fix, grad_drop, fam_kinds), None,
-                   seconds[name])
+            score = fam.vector({k: scores[name][k] for k in fam_kinds})[run.candidates]  # (n,)
+            run.record(name, Ranking(rank_by_score(score)), atp_cost(cfg.n_layer, qk_fix, grad_drop, fam_kinds),
+                       None, seconds[name])
         # One patcher per family: a sweep's settings share its memory of patched sets (Hierarchical's
         # smaller budgets and Subsampling's smaller K replay a prefix of the larger run).
-        patcher = SetPatcher(model, clean, noise, metric, [fam.node(i) for i in candidates.tolist()])
-        for method, settings in baseline_settings(n, sweep).items():
-            for j, (factor, label, kwargs) in enumerate(settings):
-                for seed in (seeds if method == "Subsampling" else (None,)):
-                    start = time.perf_counter()
-                    try:
-                        ranking = run_baseline(method, patcher, n, seed, kwargs)
-                    except ValueError as err:  # Subsampling: a node in (or out of) fewer than 2 subsets
-                        if j == 0:
-                            raise
-                        print(f"  {fam_name} {method} {label}: skipped ({err})")
-                        continue
-                    secs = time.perf_counter() - start
-                    own_cost = BASE + PATCH * ranking.n_sets  # counted by the ranker
-                    if j == 0:
-                        record(method, ranking, own_cost, seed, secs, label=label)
-                    if sweep:  # (wall time only for the default: the other settings replay its patches)
-                        record(method, ranking, own_cost, seed, secs if j == 0 else None, factor=factor, label=label)
+        patcher = SetPatcher(model, clean, noise, metric, [fam.node(i) for i in run.candidates.tolist()])
+        score_baselines(run, patcher, seeds, sweep)
         for seed in seeds:
-            record("Random", random_ranking(n, seed), BASE, seed, 0.0)
-        rows.append(dict(family=fam_name, method="exact patching (truth)", setting="", label="", seed=None,
-                         own_cost=BASE + n * PATCH, rel_cost=None, rel_cost_no_c=None, n=n, X=int((c != 0).sum()),
-                         seconds=truth_seconds))
+            run.record("Random", random_ranking(run.n, seed), BASE, seed, 0.0)
+        run.rows.append(dict(family=fam_name, method="exact patching (truth)", setting="", label="", seed=None,
+                             own_cost=BASE + run.n * PATCH, rel_cost=None, rel_cost_no_c=None, n=run.n,
+                             X=len(true_top(run.c)), seconds=truth_seconds))
+        rows += run.rows
+        curves.update(run.curves)
     return rows, curves
 
 
@@ -443,7 +486,7 @@ def per_pair(rows, where, family, method):
 
 
 def claims(summary, rows, wheres, families):
-    """The paper's headline ordering (§7.4), per setting and family, with numbers. Printable lines."""
+    """The paper's headline ordering (its §4 Experiments), per setting and family, with numbers. Printable lines."""
     lines = []
     for where in wheres:
         for fam in families:
@@ -504,7 +547,7 @@ def plot_curves(path, curves, family, wheres):
             runs = curves.get((where, family, method))
             if not runs:
                 continue
-            X = min(r.numel() for r in runs)  # x runs to the smallest number of non-zero nodes
+            X = min(r.numel() for r in runs)  # x runs to the smallest number of counted nodes
             logs = torch.stack([torch.log(r[:X]) for r in runs])  # (runs, X)
             mean, std = logs.mean(0).exp(), logs.std(0, unbiased=False).exp()  # (X,)
             x = torch.arange(1, X + 1)
@@ -530,58 +573,71 @@ def plot_curves(path, curves, family, wheres):
     return True
 
 
-def markdown_report(title, command, cfg, rows, wheres, families, claim_lines, elapsed, plots, dist_pairs):
-    L = cfg.n_layer
-    summary = summarize(rows)
-    out = [f"# Cost of verified recall: {title}", "",
-           f"`{command}`: {elapsed:.0f} s wall clock, torch threads: {torch.get_num_threads()}. Model: {L} layers, "
-           f"{cfg.n_head} heads, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}. Metric: logit difference (answer minus "
-           "the other name) at the last position. Settings (paper §7.2): **single pair** runs each sampled "
-           "prompt pair alone with its own ground truth (like IOI-PP); **distribution** takes the pairs as "
-           "one distribution, c(n) = mean over the pairs."
-           + (" The pairs come from one seeded sample (held-out names for the toy model): the single-pair "
-              f"runs use its first pairs, the distribution its first {dist_pairs}. The distribution is one "
-              "draw, so its spread covers only the seeds of Subsampling and Random." if dist_pairs else ""), "",
-           "Relative cost (§7.3): the inverse-rank-weighted (w ∝ 1/x) geometric mean of cost(x)/x over "
-           "x = 1..X, where X counts the nodes with c(n) ≠ 0; the oracle scores 1. Each cell: geometric mean over "
-           "prompt pairs (and seeds, for Subsampling and Random) ×/÷ geometric std. C: the method's own cost "
-           "per prompt pair, in forward passes (accounting below).", ""]
+def report_header(title, command, cfg, rows, elapsed, dist_pairs, dtype):
+    """The markdown report's title and the paragraphs that say what was run and how it is scored."""
+    return [f"# Cost of verified recall: {title}", "",
+            f"`{command}`: {elapsed:.0f} s wall clock, torch threads: {torch.get_num_threads()}. Model: "
+            f"{cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}, run in {dtype}. "
+            "Metric: logit difference (answer minus the other name) at the last position. Settings (paper §4 Experiments): "
+            "**single pair** runs each sampled prompt pair alone with its own ground truth (like IOI-PP); "
+            "**distribution** takes the pairs as one distribution, c(n) = mean over the pairs."
+            + (" The pairs come from one seeded sample (held-out names for the toy model): the single-pair "
+               f"runs use its first pairs, the distribution its first {dist_pairs}. The distribution is one "
+               "draw, so its spread covers only the seeds of Subsampling and Random." if dist_pairs else ""), "",
+            "Relative cost (paper §4 Experiments): the inverse-rank-weighted (w ∝ 1/x) geometric mean of cost(x)/x over "
+            f"x = 1..X, where X counts the nodes with |c(n)| ≥ {COUNTED:g} × the largest |c(n)| of their family "
+            "in that setting (smaller effects are not what verification is for; counting every c(n) ≠ 0 would "
+            "count rounding residue, whose exact zeros depend on the CPU); the oracle scores 1. Each cell: "
+            "geometric mean over prompt pairs (and seeds, for Subsampling and Random) ×/÷ geometric std. C: the "
+            "method's own cost per prompt pair, in forward passes (accounting below).", ""]
+
+
+def report_setting(summary, rows, where, families):
+    """One setting's table of relative costs, and its node counts."""
+    out = [f"## {where}", "",
+           "| method | " + " | ".join(f"{fam}: C | {fam}: relative cost" for fam in families) + " |",
+           "|---|" + "---:|---:|" * len(families)]
+    for m in METHOD_ORDER:
+        cells = []
+        for fam in families:
+            s = summary[(where, fam, m)]
+            cells += [f"{s['own_cost']:.1f}", f"{s['gmean']:.2f} ×/÷ {s['gstd']:.2f}"]
+        labels = list(dict.fromkeys(summary[(where, f, m)]["label"] for f in families))  # once if all equal
+        name = m + (f" ({' / '.join(labels)})" if m in BASELINES else "")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    truth = [r for r in rows if r["where"] == where and r["method"] == "exact patching (truth)"]
+
+    def span(fam, key):
+        values = [r[key] for r in truth if r["family"] == fam]
+        return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+    return out + ["", "Nodes: " + "; ".join(f"{fam}: {span(fam, 'n')} moved by the noise prompt, {span(fam, 'X')} "
+                                            f"counted (|c(n)| ≥ {COUNTED:g} × max)" for fam in families)
+                  + ". C of exact patching of every moved node: 2 + that number.", ""]
+
+
+def report_sweep(summary, rows, wheres, families):
+    """The baselines' hyper-parameter sweep, one table per setting."""
+    out = ["## Baseline hyper-parameters", "",
+           "Each baseline's default (×1, fixed before any run) and 1/4 to 4 times it. Relative cost, "
+           "geometric mean over runs, with the setting per family.", ""]
     for where in wheres:
-        out += [f"## {where}", "",
-                "| method | " + " | ".join(f"{fam}: C | {fam}: relative cost" for fam in families) + " |",
-                "|---|" + "---:|---:|" * len(families)]
-        for m in METHOD_ORDER:
-            cells = []
-            for fam in families:
-                s = summary[(where, fam, m)]
-                cells += [f"{s['own_cost']:.1f}", f"{s['gmean']:.2f} ×/÷ {s['gstd']:.2f}"]
-            labels = list(dict.fromkeys(summary[(where, f, m)]["label"] for f in families))  # once if all equal
-            name = m + (f" ({' / '.join(labels)})" if m in BASELINES else "")
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
-        truth = [r for r in rows if r["where"] == where and r["method"] == "exact patching (truth)"]
-        def span(fam, key):
-            values = [r[key] for r in truth if r["family"] == fam]
-            return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
-        out += ["", "Nodes: " + "; ".join(f"{fam}: {span(fam, 'n')} moved by the noise prompt, {span(fam, 'X')} "
-                                          "with c(n) ≠ 0" for fam in families)
-                + ". C of exact patching of every moved node: 2 + that number.", ""]
-    out += ["## Does the paper's ordering reproduce? (§7.4)", "", "```"] + claim_lines + ["```", ""]
-    if any(r["setting"] for r in rows):
-        out += ["## Baseline hyper-parameters", "",
-                "Each baseline's default (×1, fixed before any run) and 1/4 to 4 times it. Relative cost, "
-                "geometric mean over runs, with the setting per family.", ""]
-        for where in wheres:
-            out += [f"{where}:", "", "| baseline | factor | " + " | ".join(families) + " |",
-                    "|---|---|" + "---:|" * len(families)]
-            for m in BASELINES:
-                for factor in FACTORS:
-                    s = summarize(rows, factor)
-                    cells = [f"{s[(where, f, m)]['gmean']:.2f} ({s[(where, f, m)]['label']})"
-                             if (where, f, m) in s else "–" for f in families]
-                    out.append(f"| {m} | {factor} | " + " | ".join(cells) + " |")
-            out += ["", "AtP for reference: " + ", ".join(
-                f"{f} {summary[(where, f, 'AtP')]['gmean']:.2f}" for f in families) + ".", ""]
-    out += ["## Cost accounting (per prompt pair; one forward pass of one prompt = 1)", "",
+        out += [f"{where}:", "", "| baseline | factor | " + " | ".join(families) + " |",
+                "|---|---|" + "---:|" * len(families)]
+        for m in BASELINES:
+            for factor in FACTORS:
+                s = summarize(rows, factor)
+                cells = [f"{s[(where, f, m)]['gmean']:.2f} ({s[(where, f, m)]['label']})"
+                         if (where, f, m) in s else "–" for f in families]
+                out.append(f"| {m} | {factor} | " + " | ".join(cells) + " |")
+        out += ["", "AtP for reference: " + ", ".join(
+            f"{f} {summary[(where, f, 'AtP')]['gmean']:.2f}" for f in families) + ".", ""]
+    return out
+
+
+def report_costs(L):
+    """The cost accounting table (per prompt pair)."""
+    return ["## Cost accounting (per prompt pair; one forward pass of one prompt = 1)", "",
             "| item | cost |", "|---|---:|",
             "| clean + noise forward (every method, once; verification reuses them) | 2 |",
             "| backward pass through l of the L layers | 2 l / L |",
@@ -598,6 +654,18 @@ def markdown_report(title, command, cfg, rows, wheres, families, claim_lines, el
             "Nodes that the noise prompt leaves unchanged in every pair have c(n) = 0 exactly. The clean and "
             "noise forwards reveal them, so every method ranks only the moved nodes and lists the others last; "
             "they never count among the true top-x.", ""]
+
+
+def markdown_report(title, command, cfg, rows, wheres, families, claim_lines, elapsed, plots, dist_pairs,
+                    dtype="float64"):
+    summary = summarize(rows)
+    out = report_header(title, command, cfg, rows, elapsed, dist_pairs, dtype)
+    for where in wheres:
+        out += report_setting(summary, rows, where, families)
+    out += ["## Does the paper's ordering reproduce? (paper §4 Experiments)", "", "```"] + claim_lines + ["```", ""]
+    if any(r["setting"] for r in rows):
+        out += report_sweep(summary, rows, wheres, families)
+    out += report_costs(cfg.n_layer)
     out += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     return "\n".join(out) + "\n"
 
@@ -605,27 +673,44 @@ def markdown_report(title, command, cfg, rows, wheres, families, claim_lines, el
 # --------------------------------------------------------------------------------------------------
 # --- main
 
-def main(argv=None):
+SHIPPED = "results"  # the committed results: written only by the default run (see results/README.md)
+SCRATCH = "out"  # every other run writes here unless --out says otherwise (git-ignored)
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description="Compare AtP, AtP* and the patching baselines by their cost of "
-                                     "verified recall (AtP* paper §6-7). Default: the toy IOI model.")
+                                     "verified recall (AtP* paper, §4 Experiments). Default: the toy IOI model.")
     parser.add_argument("--model", default=None, help="a Hugging Face GPT-2 directory; default: toy_model/")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
+                        help="model and estimates (default float64: no ranking, and no node's side of the "
+                        "counting threshold, depends on the CPU's float32 rounding; float32 for large models)")
     parser.add_argument("--pairs", type=int, default=5, help="prompt pairs, each its own single-pair setting")
     parser.add_argument("--seeds", type=int, default=2, help="seeds for Subsampling and Random")
     parser.add_argument("--dist-pairs", type=int, default=8,
                         help="prompt pairs of the distribution setting (0: skip it)")
     parser.add_argument("--no-sweep", action="store_true", help="baselines at their default settings only")
-    parser.add_argument("--out", default="results", help="output directory")
+    parser.add_argument("--out", default=None, help=f"output directory (default: {SHIPPED}/ for the default "
+                        f"run on the toy model, which is what {SHIPPED}/ ships; {SCRATCH}/ for any other run, "
+                        f"which may not write to {SHIPPED}/)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the many small "
                         "patched forwards gain little from more, and more threads slow down badly on a busy machine)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 pairs, 1 seed, no distribution, no sweep")
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.seeds, args.dist_pairs, args.no_sweep = 2, 1, 0, True
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    began = time.perf_counter()
+    defaults = parser.parse_args([])
+    shipped_run = all(getattr(args, k) == getattr(defaults, k) for k in
+                      ("model", "device", "dtype", "pairs", "seeds", "dist_pairs", "no_sweep"))
+    if args.out is None:
+        args.out = SHIPPED if shipped_run else SCRATCH
+    elif os.path.normpath(args.out) == SHIPPED and not shipped_run:
+        parser.error(f"{SHIPPED}/ holds the results of the default run; write this one elsewhere (--out DIR)")
+    return args
 
+
+def load(args):
+    """(model, label, stem, make): the model on args.device in args.dtype, and make(n, seed) -> pairs."""
     if args.model is None:
         import toy_ioi
         if not os.path.isdir(toy_ioi.TOY_MODEL_DIR):
@@ -639,39 +724,34 @@ def main(argv=None):
         make = lambda n, seed: atp.gpt2_ioi_pairs(n, seed)[:4]
         label = args.model
         stem = "compare_" + os.path.basename(os.path.normpath(args.model))
-    model.to(args.device)
-    cfg = model.config
-    seeds = tuple(range(args.seeds))
-    print(f"model: {label}: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}")
+    return model.to(args.device, getattr(torch, args.dtype)), label, stem, make
 
-    rows, curves = [], {}
 
-    def run(where, pair, clean, noise, answer, wrong):
+def run_settings(model, make, args):
+    """Every single-pair setting, then the distribution setting. Returns (rows, curves, wheres)."""
+    rows, curves, seeds = [], {}, tuple(range(args.seeds))
+    clean, noise, answer, wrong = make(max(args.pairs, args.dist_pairs), 0)
+    settings = [("single pair", i, slice(i, i + 1)) for i in range(args.pairs)]  # the paper's IOI-PP
+    if args.dist_pairs:  # the distribution setting: the first dist_pairs pairs as one D
+        settings.append(("distribution", f"{args.dist_pairs} pairs", slice(0, args.dist_pairs)))
+    for where, pair, s in settings:
         start = time.perf_counter()
-        clean, noise, answer, wrong = (t.to(args.device) for t in (clean, noise, answer, wrong))
-        r, c = evaluate_setting(model, clean, noise, atp.logit_diff(answer, wrong), seeds, sweep=not args.no_sweep)
+        c, n, a, w = (t[s].to(args.device) for t in (clean, noise, answer, wrong))
+        r, cs = evaluate_setting(model, c, n, atp.logit_diff(a, w), seeds, sweep=not args.no_sweep)
         for row in r:
             row.update(where=where, pair=pair)
         rows.extend(r)
-        for (fam, method), cs in c.items():
-            curves.setdefault((where, fam, method), []).extend(cs)
+        for (fam, method), runs in cs.items():
+            curves.setdefault((where, fam, method), []).extend(runs)
         rc = {(x["family"], x["method"]): x["rel_cost"] for x in r if x["setting"] == "" and x["seed"] in (None, 0)}
         print(f"{where} {pair}: " + "; ".join(f"{fam}: AtP {rc[(fam, 'AtP')]:.2f}, AtP* {rc[(fam, 'AtP*')]:.2f}, "
                                               f"Blocks {rc[(fam, 'Blocks')]:.2f}" for fam in FAMILIES)
               + f"  ({time.perf_counter() - start:.1f} s)")
+    return rows, curves, list(dict.fromkeys(where for where, _, _ in settings))
 
-    clean, noise, answer, wrong = make(max(args.pairs, args.dist_pairs), 0)
-    for i in range(args.pairs):  # single prompt pair settings (§7.2, IOI-PP)
-        run("single pair", i, clean[i:i + 1], noise[i:i + 1], answer[i:i + 1], wrong[i:i + 1])
-    wheres = ["single pair"]
-    if args.dist_pairs:  # the distribution setting: the first dist_pairs pairs as one D
-        d = args.dist_pairs
-        run("distribution", f"{d} pairs", clean[:d], noise[:d], answer[:d], wrong[:d])
-        wheres.append("distribution")
 
-    summary = summarize(rows)
-    claim_lines = claims(summary, rows, wheres, FAMILIES)
-    elapsed = time.perf_counter() - began
+def write_outputs(args, stem, label, cfg, rows, curves, wheres, claim_lines, elapsed, argv):
+    """The plots, the markdown report and the CSV in args.out. Returns the plot paths written."""
     os.makedirs(args.out, exist_ok=True)
     plots = [os.path.join(args.out, f"{stem}_{fam}.png") for fam in FAMILIES]
     if not all([plot_curves(path, curves, fam, wheres) for path, fam in zip(plots, FAMILIES)]):
@@ -680,9 +760,25 @@ def main(argv=None):
     command = "python compare_methods.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(markdown_report(label, command, cfg, rows, wheres, FAMILIES, claim_lines, elapsed, plots,
-                                args.dist_pairs))
+                                args.dist_pairs, args.dtype))
     write_csv(os.path.join(args.out, f"{stem}.csv"), rows)
+    return plots
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    model, label, stem, make = load(args)
+    cfg = model.config
+    print(f"model: {label}: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}, "
+          f"{args.dtype}")
+    rows, curves, wheres = run_settings(model, make, args)
+    summary = summarize(rows)
+    claim_lines = claims(summary, rows, wheres, FAMILIES)
+    elapsed = time.perf_counter() - began
+    plots = write_outputs(args, stem, label, cfg, rows, curves, wheres, claim_lines, elapsed, argv)
     for where in wheres:
         print(f"\nrelative cost, {where} (geometric mean ×/÷ geometric std; C = own cost per prompt pair):")
         for m in METHOD_ORDER:

@@ -5,11 +5,13 @@ The figures of tutorial.md, from the shipped toy IOI model (toy_model/) and 4 he
                                      AtP reads as "no effect", and the row the noise query produces
   figures/atp_vs_exact.png           |estimate| against |c(n)| for every attention node: AtP, AtP+QK fix, AtP*
   figures/cost_of_verified_recall.png  forward passes until the true top-x attention nodes are all verified,
-                                     for AtP, AtP+QK fix, AtP+GradDrop and AtP* (paper §7.3)
+                                     for AtP, AtP+QK fix, AtP+GradDrop and AtP* (paper §4 Experiments)
 
     python make_figures.py           # about 10 s on one CPU core; needs matplotlib
 
-Deterministic: the same code and checkpoint give the same PNG files (no version string in their metadata).
+Everything is computed in float64 (the checkpoint is float32; `.double()` after loading), so no point,
+rank or curve depends on the CPU's float32 rounding, and no title carries a count that could. The same code,
+checkpoint and matplotlib give the same PNG files (no version string in their metadata).
 """
 
 import os
@@ -42,7 +44,7 @@ def save(fig, name):
 # --- the data: exact effects and the four estimates for the attention nodes
 
 def compute():
-    model = toy_ioi.load_toy_model()
+    model = toy_ioi.load_toy_model().double()  # float64: nothing below depends on float32 rounding
     clean, noise, answer, wrong = toy_ioi.make_pairs(4, "test", seed=0)
     metric = atp.logit_diff(answer, wrong)
     exact = atp.activation_patching(model, clean, noise, metric, kinds=ATTN, progress=False)  # kind -> (B, L, T, H)
@@ -124,19 +126,20 @@ def atp_vs_exact(truth, scores):
     c = flat(truth).abs()  # (N,)
     nodes = nodes_in_flat_order(truth)
     kinds = [n[0] for n in nodes]
-    keep = c > 0  # nodes the noise prompt moves; the rest have c(n) = 0 exactly and no place on a log axis
+    keep = torch.zeros(len(c), dtype=torch.bool)  # the nodes that count in compare_methods: |c(n)| >= 1e-3 max
+    keep[compare_methods.true_top(c)] = True
     missed = nodes.index(MISSED)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), sharex=True, sharey=True)
-    floor = 1e-6
+    floor = 1e-4  # no node that counts is estimated below it (the floor only guards the log axis)
     for ax, name in zip(axes, ("AtP", "AtP+QK fix", "AtP*")):
         s = flat(scores[name]).clamp(min=floor)  # (N,)
         for k in ATTN:
             mask = keep & torch.tensor([kk == k for kk in kinds])
             ax.scatter(c[mask], s[mask], s=10, alpha=0.7, color=COLORS[k], label=k)
         ax.scatter([c[missed]], [s[missed]], s=160, facecolors="none", edgecolors="black", linewidths=1.5)
-        ax.annotate(atp.node_label(MISSED), (c[missed], s[missed]), textcoords="offset points", xytext=(-125, -35),
+        ax.annotate(atp.node_label(MISSED), (c[missed], s[missed]), textcoords="offset points", xytext=(-95, -75),
                     fontsize=8, arrowprops=dict(arrowstyle="->", linewidth=0.8))
-        ax.plot([1e-4, 30], [1e-4, 30], color="black", linewidth=0.8)
+        ax.plot([1e-3, 30], [1e-3, 30], color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_ylim(floor * 0.5, 60)
@@ -145,8 +148,8 @@ def atp_vs_exact(truth, scores):
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel(f"estimate (mean over pairs of |.|), floored at {floor:g}")
     axes[0].legend(title="kind", fontsize=8, loc="upper left")
-    fig.suptitle(f"toy IOI model, attention nodes with c(n) != 0 ({int(keep.sum())} of {len(c)}), 4 prompt pairs",
-                 fontsize=10)
+    fig.suptitle(f"toy IOI model, 4 prompt pairs: the attention nodes with |c(n)| >= {compare_methods.COUNTED:g} "
+                 "x the largest (those that count in compare_methods.py)", fontsize=10)
     fig.tight_layout()
     save(fig, "atp_vs_exact.png")
 
@@ -162,7 +165,7 @@ def cost_curves(model, truth, scores):
         curve = compare_methods.cost_of_verified_recall(order, c, own)  # (X,)
         x = torch.arange(1, len(curve) + 1)
         ax.step(x, curve, where="post", label=f"{name} (own cost {own:g})")
-    X = int((c != 0).sum())
+    X = len(compare_methods.true_top(c))  # the nodes that count: |c(n)| >= 1e-3 x the largest
     ax.plot([1, X], [1, X], color="black", linewidth=0.8, label="oracle: cost = x")
     ax.set_xscale("log")
     ax.set_yscale("log")

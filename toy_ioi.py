@@ -7,7 +7,7 @@ in seconds on a CPU, with no download. Its attention saturates (some heads put >
 one key), which is the failure mode the paper's QK fix is for.
 
 References:
-1) the AtP* paper: Kramar, Lieberum, Shah, Nanda (2024), https://arxiv.org/abs/2403.00745 (§7.2, IOI-PP)
+1) the AtP* paper: Kramar, Lieberum, Shah, Nanda (2024), https://arxiv.org/abs/2403.00745 (§4 Experiments, IOI-PP)
 2) the IOI task: Wang et al. (2022), https://arxiv.org/abs/2211.00593
 
 The task. The vocabulary is word-level: every word and every punctuation mark is one token, and each

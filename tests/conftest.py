@@ -7,11 +7,16 @@ import torch
 # Tests import the project's modules from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Torch threads for the whole run. The default, 1, suits the tiny test models (extra threads only add
+# overhead, and stall on a busy machine); ATP_TEST_THREADS=2 runs everything on 2 threads instead, to
+# check that no result depends on how the CPU splits its sums:
+#   ATP_TEST_THREADS=2 python -m pytest -q
+THREADS = int(os.environ.get("ATP_TEST_THREADS", "1"))
+
 
 @pytest.fixture(autouse=True, scope="session")
-def one_torch_thread():
-    """The test models are tiny: extra threads only add overhead (and stall on a busy machine)."""
+def torch_threads():
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     yield
     torch.set_num_threads(previous)

@@ -12,10 +12,11 @@ its Part I twin (see also tests/test_reference.py):
   4. one-layer attention-only model, linear readout: QK-fixed q/k estimates = exact patching.
   5. GradDrop: a built cancellation, the literal per-layer detach form, hand-worked (L-1) arithmetic.
   6. batching, chunking, positions="all" and patch_node_sets agree with one-at-a-time patching.
-  7. against exhaustive patching on random 4- and 5-layer GPT-2s: recall@K and verification cost (printed).
+  7. on the shipped toy model (float64): the QK fix verifies the true top 10 in far fewer patches than AtP.
   8. bad input raises a clear error; training mode changes nothing and is restored.
 
-Everything is float64 on tiny random models with large weights (std 0.3-1), so effects are far from 0.
+Everything is float64: tiny random models with large weights (std 0.3-1), so effects are far from 0,
+and in 7 the shipped toy model.
 Run `pytest -s tests/test_atp.py` to read the evidence each test prints.
 """
 
@@ -591,52 +592,56 @@ def test_patch_node_sets_with_one_node_per_set_equals_activation_patching():
     assert diff < BATCH_TOL
 
 
-# --- 7. against exhaustive patching on small random GPT-2s
+# --- 7. on the shipped toy model: the QK fix finds what AtP misses
 
 
-def verification_cost(method_scores, true_abs, K):
-    """Nodes verified, in the method's order, until every one of the true top-K (by |c(n)|) is found;
-    and the recall of the true top-K among the method's top-K."""
-    order = torch.sort(method_scores, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order))
-    true_top = torch.sort(true_abs, descending=True, stable=True).indices[:K]
-    recall = (rank[true_top] < K).float().mean().item()
-    return recall, int(rank[true_top].max()) + 1
+def test_qk_fix_verifies_the_toy_models_true_top_10_in_far_fewer_patches_than_atp():
+    """Claims about the estimators, on the shipped toy IOI model and 16 held-out prompt pairs, attention
+    nodes (q, k, v, z), each pair its own single-pair setting (c(n) = I(n) of that pair), and the 16 as one
+    distribution. Cost = exact patches, verifying in a method's order, until the true top 10 by |c(n)| are
+    all verified (the oracle needs 10). Everything is float64, so no rank depends on rounding: in
+    float32, AtP's estimates of saturated queries are rounding residue and its costs move by a few patches
+    from CPU to CPU; in float64 the closest 10th/11th true effects of any pair are 9e-4 apart.
 
+    Measured with this checkpoint (per pair, sorted):
+      AtP         31 34 40 43 55 58 58 67 83 85 94 111 130 131 160 197   median 75
+      AtP+QK fix  10 10 10 10 11 11 12 12 13 15 15 17 19 19 28 41        median 12.5
+      AtP*        10 10 11 12 13 14 14 14 15 16 17 18 20 23 26 32        median 14.5
+      QK fix cheaper than AtP in 15 of 16 pairs; the 16 pairs as one distribution: AtP 66, QK fix 15, AtP* 23.
+    The bounds below leave a margin of at least 1.2x (AtP's minimum) and mostly 1.5x or more: a change
+    that undoes the QK fix (AtP's saturation misses come back) or breaks AtP fails them."""
+    import toy_ioi
 
-def test_recall_and_verification_cost_against_exhaustive_patching():
-    # Single-pair setting: c(n) = I(n) for each pair. Attention nodes and neurons are ranked separately
-    # (notes §1.1). Only what holds by definition is asserted; the numbers are printed, not tuned.
-    setups = [(random_gpt(20, n_layer=4, n_head=4, n_embd=32, n_inner=48, vocab_size=40, std=0.5),
-               atp.logit_diff(torch.tensor([3, 8, 1]), torch.tensor([5, 9, 2])), "logit_diff"),
-              (random_gpt(21, n_layer=5, n_head=4, n_embd=32, n_inner=48, vocab_size=40, std=0.7),
-               atp.neg_log_prob(torch.tensor([11, 12, 13])), "neg_log_prob")]
-    families = {"attention (q,k,v,z)": (ATTN, 10), "neurons": (("neuron",), 20)}
-    print("  recall = share of the true top-K in the method's top-K; cost = exact verifications, in the"
-          " method's order, until the true top-K are all found (the oracle needs K)")
-    for m, (model, metric, mname) in enumerate(setups):
-        clean, noise = prompts(model, B=3, T=6, seed=20 + m)
-        true = atp.activation_patching(model, clean, noise, metric, progress=False)
-        methods = {"AtP": atp.attribution_patching(model, clean, noise, metric),
-                   "AtP+QK": atp.attribution_patching(model, clean, noise, metric, qk_fix=True),
-                   "AtP*": atp.atp_star(model, clean, noise, metric)}
-        for k in atp.KINDS:
-            assert (methods["AtP*"][k] >= 0).all()
-        for b in range(clean.shape[0]):
-            for fam, (kinds, K) in families.items():
-                t = torch.cat([true[k][b].reshape(-1) for k in kinds]).abs()
-                N = len(t)
-                line = []
-                r, c = verification_cost(t, t, K)
-                assert r == 1.0 and c == K  # the oracle order verifies exactly K
-                for name, est in methods.items():
-                    s = torch.cat([est[k][b].reshape(-1) for k in kinds]).abs()
-                    r, c = verification_cost(s, t, K)
-                    assert 0.0 <= r <= 1.0 and K <= c <= N
-                    line.append(f"{name} recall {r:.0%} cost {c:4d}")
-                print(f"  L={model.config.n_layer} {mname:12s} pair {b} {fam:19s} |N|={N:4d} K={K}: "
-                      + " | ".join(line))
+    model = toy_ioi.load_toy_model().double()
+    clean, noise, answer, wrong = toy_ioi.make_pairs(16, "test", seed=0)
+    metric = atp.logit_diff(answer, wrong)
+    exact = atp.activation_patching(model, clean, noise, metric, kinds=ATTN, progress=False)  # (B, L, T, H)
+    est = {"AtP": {k: v.abs() for k, v in atp.attribution_patching(model, clean, noise, metric, ATTN).items()},
+           "AtP+QK fix": {k: v.abs() for k, v in
+                          atp.attribution_patching(model, clean, noise, metric, ATTN, qk_fix=True).items()},
+           "AtP*": atp.atp_star(model, clean, noise, metric, ATTN)}  # per pair, >= 0
+
+    def cost(scores, truth):  # kind -> (L, T, H) each; patches until the true top 10 are verified
+        true_order, _ = atp.rank_nodes({k: v.abs() for k, v in truth.items()})
+        return atp.verifications_needed(atp.rank_nodes(scores)[0], true_order[:10])
+
+    B = clean.shape[0]
+    costs = {m: [cost({k: v[b] for k, v in e.items()}, {k: v[b] for k, v in exact.items()}) for b in range(B)]
+             for m, e in est.items()}
+    per_pair = {m: sorted(c) for m, c in costs.items()}
+    dist = {m: cost({k: v.mean(0) for k, v in e.items()}, {k: v.mean(0) for k, v in exact.items()})
+            for m, e in est.items()}
+    median = {m: (c[B // 2 - 1] + c[B // 2]) / 2 for m, c in per_pair.items()}
+    qk_wins = sum(q < a for q, a in zip(costs["AtP+QK fix"], costs["AtP"]))
+    for m, c in per_pair.items():
+        print(f"  {m:11s} patches to verify the true top 10, per pair: {c}  median {median[m]:g}; "
+              f"16 pairs as one distribution: {dist[m]}")
+    print(f"  AtP+QK fix cheaper than AtP in {qk_wins}/{B} pairs")
+    assert per_pair["AtP"][0] > 25  # AtP misses a saturated q or k in every pair (fewest measured: 31)
+    assert median["AtP"] >= 50 and dist["AtP"] > 40  # (measured 75; 66)
+    assert median["AtP+QK fix"] <= 20 and dist["AtP+QK fix"] <= 25  # (measured 12.5; 15)
+    assert median["AtP*"] <= 22 and dist["AtP*"] <= 35  # (measured 14.5; 23)
+    assert qk_wins >= 13  # (measured 15)
 
 
 # --- the metrics

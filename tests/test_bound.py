@@ -120,7 +120,7 @@ def test_bound_refuses_impossible_settings():
     ranking, _ = atp.rank_nodes({k: v.mean(0) for k, v in atp.attribution_patching(
         model, clean, noise, metric, kinds=("z",)).items()})
     cases = [(dict(p=0.0), "strictly between 0 and 1"), (dict(p=1.5), "strictly between 0 and 1"),
-             (dict(K=len(ranking) + 1), "between 0 and the number"), (dict(alpha=1.0), "alpha"), (dict(alpha=0.5), "alpha"),
+             (dict(K=len(ranking) + 1), "between 0 and the number of nodes given"), (dict(alpha=1.0), "alpha"), (dict(alpha=0.5), "alpha"),
              (dict(n_samples=3), "too few samples")]
     for kwargs, message in cases:
         args = dict(K=5) | kwargs

@@ -162,6 +162,37 @@ def test_cost_of_verified_recall_by_hand():
         cm.cost_of_verified_recall(torch.tensor([0, 0, 1, 2, 3]), truth, 0)
 
 
+def test_only_effects_above_a_thousandth_of_the_largest_count():
+    # |c| = 2, 1e-3 * 2 = 2e-3: 0.5, 2 and 0.002 count; 0.0019 (below) and rounding residue (1e-9, 0) do not.
+    truth = torch.tensor([0.5, 1e-9, -2.0, 0.0, 0.0019, -0.002], dtype=torch.float64)
+    assert cm.true_top(truth).tolist() == [2, 0, 5]
+    curve = cm.cost_of_verified_recall(torch.arange(6), truth, own_cost=0)
+    assert curve.tolist() == [3, 3, 6]
+    assert cm.true_top(torch.zeros(4, dtype=torch.float64)).numel() == 0  # nothing counts
+
+
+def test_cost_of_verified_recall_is_verifications_needed_for_every_x():
+    """The vectorised curve against atp.verifications_needed, the reference, on random orders."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        truth = torch.randn(60, generator=g, dtype=torch.float64) * torch.rand(60, generator=g) ** 4
+        order = torch.randperm(60, generator=g)
+        curve = cm.cost_of_verified_recall(order, truth, own_cost=2.5)
+        top = cm.true_top(truth).tolist()
+        want = [2.5 + atp.verifications_needed(order.tolist(), top[:x]) for x in range(1, len(top) + 1)]
+        assert curve.tolist() == want
+
+
+def test_only_the_default_run_writes_the_shipped_results():
+    assert cm.parse_args([]).out == "results"
+    assert cm.parse_args(["--threads", "2"]).out == "results"  # threads change no number
+    for argv in (["--quick"], ["--pairs", "2"], ["--no-sweep"], ["--dtype", "float32"], ["--model", "m"]):
+        assert cm.parse_args(argv).out == "out", argv
+        with pytest.raises(SystemExit):
+            cm.parse_args(argv + ["--out", "results"])  # refused: results/ ships the default run
+        assert cm.parse_args(argv + ["--out", "elsewhere"]).out == "elsewhere"
+
+
 def test_relative_cost_is_the_inverse_rank_weighted_geometric_mean():
     # cost = (3, 4, 6) at x = 1, 2, 3: ratios 3, 2, 2 with weights 1, 1/2, 1/3 (sum 11/6), so
     # exp((6/11) ln 3 + (3/11) ln 2 + (2/11) ln 2) = 3^(6/11) 2^(5/11).

@@ -91,11 +91,11 @@ CASES = [
      ValueError, "all of one form"),
     ("verify: float budget", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, RANKING, 2.0), TypeError, "budget must be an integer"),
     ("verify: budget above the node count", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, RANKING[:3], 4),
-     ValueError, "budget must be between 0 and 3"),
+     ValueError, "budget must be between 0 and the number of nodes given (3)"),
     ("activation_patching: float chunk_size", lambda: atp.activation_patching(MODEL, CLEAN, NOISE, METRIC, chunk_size=8.0),
      TypeError, "chunk_size must be an integer"),
     ("false_negative_bound: K above the node count", lambda: atp.false_negative_bound(
-        MODEL, CLEAN, NOISE, METRIC, RANKING[:5], K=6), ValueError, "K must be between 0 and 5"),
+        MODEL, CLEAN, NOISE, METRIC, RANKING[:5], K=6), ValueError, "K must be between 0 and the number of nodes given (5)"),
     ("model call: hooks as a list", lambda: MODEL(CLEAN, hooks=[lambda t: None]), TypeError, "hooks must be a dict"),
     ("model call: a hook that is not callable", lambda: MODEL(CLEAN, hooks={"blocks.0.attn.hook_z": 3}),
      TypeError, "not callable"),
