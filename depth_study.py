@@ -20,7 +20,7 @@ reads in their own layer). The study measures GradDrop score / |AtP+QK estimate|
 
     python depth_study.py              # the shipped models: results/depth_study.{md,csv,png}
     python depth_study.py --retrain    # train the models first (about 15 min on 1 CPU thread)
-    python depth_study.py --quick      # smoke run: 2 pairs, one seed per depth, no distribution
+    python depth_study.py --quick      # smoke run (2 pairs, one model per depth), written to out/
 
 Dimension legend: B prompt pairs, L layers, T positions, U units of a site (heads or neurons),
 N nodes of a family, n candidate nodes (those the noise prompt moves), X counted nodes.
@@ -122,7 +122,6 @@ def sublayer_cost(L, qk_fix, kinds):
 # --- scoring one setting
 
 METHODS = ("AtP", "AtP+QK fix", "AtP*", "AtP* (sub-layer GradDrop)")
-COUNTED = 1e-3  # a node counts (is a true top-x node for some x) if |c(n)| >= COUNTED * max |c(n)|
 GRID = 1e9  # scores and effects are compared on a grid of max/GRID, so float ties break the same way everywhere
 TOP = 10  # a second statistic: verifications until the true top-10 are all verified
 
@@ -166,11 +165,10 @@ def score_setting(cfg, T, truth, est, moved, pairs):
     rows = []
     for fam_name, kinds in cm.FAMILIES.items():
         fam = cm.Family(fam_name, kinds, cfg, T)
-        c = fam.vector({k: truth[k][pairs].mean(0) for k in kinds}).double()  # (N,): c(n)
-        c = torch.where(c.abs() >= COUNTED * c.abs().max(), on_grid(c), torch.zeros_like(c))
+        c = on_grid(fam.vector({k: truth[k][pairs].mean(0) for k in kinds}).double())  # (N,): c(n)
         is_moved = fam.vector({k: moved[k][pairs].any(0) for k in kinds})
         candidates, rest = is_moved.nonzero()[:, 0], (~is_moved).nonzero()[:, 0]
-        true_top = torch.sort(c.abs(), descending=True, stable=True).indices[:TOP]
+        true_top = cm.true_top(c)[:TOP]  # the nodes that count (compare_methods.COUNTED), best first
         for method in METHODS:
             per_pair = {k: est[method][k][pairs] for k in kinds}
             # |.| per pair, then the mean (paper §2); GradDrop scores are >= 0 already
@@ -179,7 +177,7 @@ def score_setting(cfg, T, truth, est, moved, pairs):
             order = torch.cat([candidates[cm.rank_by_score(s)], rest])  # (N,): unmoved nodes last
             qk, gd = method != "AtP", method.startswith("AtP*")
             own = sublayer_cost(L, qk, kinds) if "sub-layer" in method else cm.atp_cost(L, qk, gd, kinds)
-            curve = cm.cost_of_verified_recall(order, c, own)  # (X,)
+            curve = cm.cost_of_verified_recall(order, c, own)  # (X,): x over the nodes that count
             position = torch.empty_like(order)
             position[order] = torch.arange(len(order))
             rows.append(dict(family=fam_name, method=method, own_cost=own, X=curve.numel(),
@@ -439,7 +437,8 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=6, help="prompt pairs: each alone, then all as one distribution")
     parser.add_argument("--no-distribution", action="store_true", help="single prompt pairs only")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 pairs, one model per depth, no distribution")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory")
+    parser.add_argument("--out", default=None, help="output directory (default: results/ for the default "
+                        "run, out/ for any other)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small matrices: one thread is as fast, and stays fast on a busy machine
     n_used = 1 if args.quick else SEEDS_USED
@@ -449,7 +448,9 @@ def main(argv=None):
     rows, ratios, records = run_study(DEPTHS, n_used, args.pairs, not args.no_distribution, args.retrain)
     elapsed = time.perf_counter() - began
 
-    stem = os.path.join(args.out, "depth_study" + ("_quick" if args.quick else ""))
+    default_run = not (args.quick or args.no_distribution or args.pairs != 6)
+    args.out = args.out or os.path.join(HERE, "results" if default_run else "out")
+    stem = os.path.join(args.out, "depth_study")
     os.makedirs(args.out, exist_ok=True)
     mech_lines, summary = mechanism_table(ratios, DEPTHS)
     used = [r for r in records if r["test_accuracy"] >= MIN_ACCURACY]
@@ -471,7 +472,7 @@ def main(argv=None):
            f"{r['train_seconds']:.0f} | {'yes' if r in used else 'no'} |" for r in records]
     md += ["", f"Prompt pairs: held-out names, `toy_ioi.make_pairs({args.pairs}, 'test', seed=0)`; "
            f"single pair = each alone; distribution = all {args.pairs} as one D (c(n) = mean over them). Metric: logit difference at the last position. Everything in float64.", "",
-           f"Counted nodes: |c(n)| >= {COUNTED:g} x the family's largest |c(n)|; rankings and effects are compared "
+           f"Counted nodes: |c(n)| >= {cm.COUNTED:g} x the family's largest |c(n)| (compare_methods.COUNTED); rankings and effects are compared "
            f"on a grid of max/{GRID:.0e}, so last-bit differences between CPUs do not reorder anything. Relative "
            "cost (paper §4, Experiments): inverse-rank-weighted geometric mean of cost(x)/x, cost(x) = the "
            "method's own cost C + the exact patches until the true top-x are all verified (1 = oracle); "
