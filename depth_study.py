@@ -7,10 +7,12 @@ hurt at small depth, measured.
   localizing LLM behaviour to components." https://arxiv.org/abs/2403.00745 (GradDrop: §3, Methods)
 
 The models: the toy IOI task of toy_ioi.py, one recipe at every depth (d_model 64, 4 heads, AdamW lr
-1e-3, batch 128, 1200 steps), L = 2, 4, 8 and 12 layers, two usable training seeds each. A model below 95%
-held-out accuracy is not used (the next seed is tried). The checkpoints ship in depth_models/L{L}_seed{s}/ with their accuracy
-and training time in training.json, so the study is the same on every machine; --retrain trains them
-again (same recipe and seeds, but float32 training is not bit-identical across CPUs).
+1e-3, batch 128, 1200 steps), L = 2, 4, 8 and 12 layers, two training seeds per depth that reach 95%
+held-out accuracy (a model below that is not used, and the next seed is tried; at L = 2 only one of
+six seeds gets there). The checkpoints ship in depth_models/L{L}_seed{s}/ with their accuracy and
+training time in training.json, so the study is the same on every machine; --retrain trains them
+again (same recipe and seeds; float32 training is deterministic on one machine, not bit-identical
+across CPUs).
 
 The mechanism. The metric reads the last position. A node at an earlier position reaches it only
 through later attention layers, and every GradDrop term that drops one of those layers removes most of
@@ -19,7 +21,7 @@ its direct path and barely shrinks (so do earlier keys and values, which the las
 reads in their own layer). The study measures GradDrop score / |AtP+QK estimate| per node.
 
     python depth_study.py              # the shipped models: results/depth_study.{md,csv,png}
-    python depth_study.py --retrain    # train the models first (about 15 min on 1 CPU thread)
+    python depth_study.py --retrain    # train the models first (~40 min on a busy 2-core machine)
     python depth_study.py --quick      # smoke run (2 pairs, one model per depth), written to out/
 
 Dimension legend: B prompt pairs, L layers, T positions, U units of a site (heads or neurons),
@@ -29,7 +31,6 @@ N nodes of a family, n candidate nodes (those the noise prompt moves), X counted
 import argparse
 import csv
 import json
-import math
 import os
 import statistics
 import sys
@@ -63,11 +64,16 @@ def train_model(L, seed):
     toy_ioi.main does). Returns (model, record): record holds the recipe, the accuracies and the time."""
     config = GPTConfig(n_layer=L, n_head=RECIPE["n_head"], n_embd=RECIPE["d_model"],
                        n_positions=toy_ioi.CONFIG.n_positions, vocab_size=len(toy_ioi.VOCAB))
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)  # saturated softmaxes make subnormals, which are slow on a CPU
     start = time.perf_counter()
-    model = toy_ioi.train(seed, RECIPE["steps"], log_every=RECIPE["steps"], config=config, lr=RECIPE["lr"],
-                          batch_size=RECIPE["batch_size"])
+    try:
+        model = toy_ioi.train(seed, RECIPE["steps"], log_every=RECIPE["steps"], config=config, lr=RECIPE["lr"],
+                              batch_size=RECIPE["batch_size"])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_flush_denormal(False)
     seconds = time.perf_counter() - start
     record = dict(n_layer=L, seed=seed, **RECIPE, train_seconds=round(seconds, 1),
                   threads=torch.get_num_threads(), train_accuracy=toy_ioi.accuracy(model, "train"),
@@ -97,8 +103,11 @@ def get_model(L, seed, retrain=False):
     os.makedirs(path, exist_ok=True)
     if record["test_accuracy"] >= MIN_ACCURACY:
         toy_ioi.save(model, path)
-    else:
+    else:  # keep only the record; a checkpoint left by an earlier run would not match it
         model = None
+        for name in ("config.json", "model.safetensors", "vocab.json"):
+            if os.path.exists(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
     with open(record_path, "w") as f:
         json.dump(record, f, indent=1)
     return model, record
@@ -122,7 +131,7 @@ def sublayer_cost(L, qk_fix, kinds):
 # --- scoring one setting
 
 METHODS = ("AtP", "AtP+QK fix", "AtP*", "AtP* (sub-layer GradDrop)")
-GRID = 1e9  # scores and effects are compared on a grid of max/GRID, so float ties break the same way everywhere
+GRID = 1e9  # scores and effects are compared on a grid of max / GRID: float ties break alike everywhere
 TOP = 10  # a second statistic: verifications until the true top-10 are all verified
 
 
@@ -153,7 +162,8 @@ def run_model(model, clean, noise, metric):
     with torch.no_grad():
         _, c_cache, n_cache, _ = atp.clean_and_noise_runs(model, clean, noise, metric, atp.KINDS)
     delta = lambda k, l: atp.as_units(n_cache[atp.site(k, l)]) - atp.as_units(c_cache[atp.site(k, l)])
-    moved = {k: torch.stack([(delta(k, l) != 0).any(-1) for l in range(L)], 1) for k in atp.KINDS}  # (B, L, T, U)
+    moved = {k: torch.stack([(delta(k, l) != 0).any(-1) for l in range(L)], 1)  # (B, L, T, U)
+             for k in atp.KINDS}
     return truth, est, moved
 
 
@@ -172,7 +182,8 @@ def score_setting(cfg, T, truth, est, moved, pairs):
         for method in METHODS:
             per_pair = {k: est[method][k][pairs] for k in kinds}
             # |.| per pair, then the mean (paper §2); GradDrop scores are >= 0 already
-            score = {k: (v.abs() if method in ("AtP", "AtP+QK fix") else v).mean(0) for k, v in per_pair.items()}
+            score = {k: (v.abs() if method in ("AtP", "AtP+QK fix") else v).mean(0)
+                     for k, v in per_pair.items()}
             s = on_grid(fam.vector(score).double())[candidates]  # (n,)
             order = torch.cat([candidates[cm.rank_by_score(s)], rest])  # (N,): unmoved nodes last
             qk, gd = method != "AtP", method.startswith("AtP*")
@@ -189,8 +200,6 @@ def score_setting(cfg, T, truth, est, moved, pairs):
 # --- the mechanism: how much GradDrop shrinks a node's score, last position against earlier ones
 
 SHOWN = 0.05  # nodes whose |AtP+QK estimate| is at least this fraction of the family's largest
-
-
 GROUPS = ("earlier", "earlier q, z", "earlier k, v", "last")
 
 
@@ -200,7 +209,8 @@ def position_group(kind, pos, T):
     neurons) reach the last position only through a later layer's attention."""
     if pos == T - 1:
         return "last"
-    return {"q": "earlier q, z", "z": "earlier q, z", "k": "earlier k, v", "v": "earlier k, v"}.get(kind, "earlier")
+    return {"q": "earlier q, z", "z": "earlier q, z", "k": "earlier k, v", "v": "earlier k, v"}.get(
+        kind, "earlier")
 
 
 def shrink_ratios(est, b, T):
@@ -246,7 +256,8 @@ def run_study(depths, n_used, n_pairs, distribution, retrain):
         for seed, model, record in models(L, n_used, retrain):
             records.append(record)
             if model is None:
-                print(f"L={L} seed={seed}: held-out accuracy {record['test_accuracy']:.4f} < {MIN_ACCURACY}, not used")
+                print(f"L={L} seed={seed}: held-out accuracy {record['test_accuracy']:.4f} < {MIN_ACCURACY}, "
+                      "not used")
                 continue
             model = model.double()  # exact patching and every estimate in float64
             start = time.perf_counter()
@@ -263,6 +274,11 @@ def run_study(depths, n_used, n_pairs, distribution, retrain):
     return rows, ratios, records
 
 
+def select(rows, L, family, method, where="single pair"):
+    """The rows of one depth, family, method and setting (single pair: one row per pair and seed)."""
+    return [r for r in rows if (r["L"], r["family"], r["method"], r["where"]) == (L, family, method, where)]
+
+
 def median_worst(values):
     return statistics.median(values), max(values)
 
@@ -277,8 +293,7 @@ def study_table(rows, depths):
                               ("top-10 verifications", "top10")):
                 cells = []
                 for m in METHODS:
-                    v = [r[key] for r in rows if (r["L"], r["family"], r["method"], r["where"]) ==
-                         (L, fam, m, "single pair")]
+                    v = [r[key] for r in select(rows, L, fam, m)]
                     if not v:
                         cells = None
                         break
@@ -286,8 +301,7 @@ def study_table(rows, depths):
                     cells.append(f"{med:g} / {worst}" if key == "top10" else f"{med:.2f} / {worst:.2f}")
                 if cells is None:
                     continue
-                runs = len([r for r in rows if (r["L"], r["family"], r["method"], r["where"]) ==
-                            (L, fam, METHODS[0], "single pair")])
+                runs = len(select(rows, L, fam, METHODS[0]))
                 lines.append(f"| {L} | {fam}: {stat} | {runs} | " + " | ".join(cells) + " |")
     return lines
 
@@ -298,7 +312,7 @@ def distribution_table(rows, depths):
         for fam in cm.FAMILIES:
             cells = []
             for m in METHODS:
-                v = [r for r in rows if (r["L"], r["family"], r["method"], r["where"]) == (L, fam, m, "distribution")]
+                v = select(rows, L, fam, m, "distribution")
                 if not v:
                     break
                 cells.append(" ; ".join(f"{r['rel_cost']:.2f} ({r['top10']})" for r in v))
@@ -319,7 +333,8 @@ def mechanism_table(ratios, depths):
             for where in GROUPS:
                 med = {}
                 for unit in ("layer", "sub-layer"):
-                    v = [r["ratio"] for r in ratios if (r["L"], r["family"], r["where"], r["unit"]) == (L, fam, where, unit)]
+                    v = [r["ratio"] for r in ratios
+                         if (r["L"], r["family"], r["where"], r["unit"]) == (L, fam, where, unit)]
                     med[unit] = (statistics.median(v), len(v)) if v else (None, 0)
                 if not med["layer"][1]:
                     continue
@@ -337,10 +352,10 @@ def beats_lines(rows, depths):
         for L in depths:
             for m in ("AtP*", "AtP* (sub-layer GradDrop)"):
                 parts = []
-                for key, name in (("rel_cost", "relative cost"), ("rel_cost_no_c", "C left out"), ("top10", "top-10")):
-                    a = [r[key] for r in rows if (r["L"], r["family"], r["method"], r["where"]) == (L, fam, m, "single pair")]
-                    b = [r[key] for r in rows if (r["L"], r["family"], r["method"], r["where"]) ==
-                         (L, fam, "AtP+QK fix", "single pair")]
+                for key, name in (("rel_cost", "relative cost"), ("rel_cost_no_c", "C left out"),
+                                  ("top10", "top-10")):
+                    a = [r[key] for r in select(rows, L, fam, m)]
+                    b = [r[key] for r in select(rows, L, fam, "AtP+QK fix")]
                     if not a:
                         break
                     (ma, wa), (mb, wb) = median_worst(a), median_worst(b)
@@ -363,21 +378,20 @@ def plot(path, rows, summary, depths):
     except ImportError:
         return False
     fig, axes = plt.subplots(2, 3, figsize=(14, 8))
-    styles = {"AtP": ("C0", "o"), "AtP+QK fix": ("C1", "s"), "AtP*": ("C2", "^"), "AtP* (sub-layer GradDrop)": ("C3", "v")}
-    select = lambda L, fam, m, where: [r for r in rows if (r["L"], r["family"], r["method"], r["where"]) == (L, fam, m, where)]
+    styles = dict(zip(METHODS, (("C0", "o"), ("C1", "s"), ("C2", "^"), ("C3", "v"))))
     for row, (key, what) in enumerate((("rel_cost", "relative cost"), ("rel_cost_no_c", "relative cost, C left out"))):
         for ax, fam in zip(axes[row, :2], cm.FAMILIES):
             for j, m in enumerate(METHODS):
                 xs, med, lo, hi, dist = [], [], [], [], []
                 for L in depths:
-                    v = [r[key] for r in select(L, fam, m, "single pair")]
+                    v = [r[key] for r in select(rows, L, fam, m)]
                     if not v:
                         continue
                     xs.append(L * (1 + 0.03 * (j - 1.5)))  # small offsets so the bars do not overlap
                     med.append(statistics.median(v))
                     lo.append(min(v))
                     hi.append(max(v))
-                    d = [r[key] for r in select(L, fam, m, "distribution")]
+                    d = [r[key] for r in select(rows, L, fam, m, "distribution")]
                     dist.append(statistics.median(d) if d else float("nan"))
                 color, marker = styles[m]
                 ax.errorbar(xs, med, yerr=[[a - b for a, b in zip(med, lo)], [b - a for a, b in zip(med, hi)]],
@@ -422,6 +436,48 @@ def plot(path, rows, summary, depths):
     return True
 
 
+def markdown_report(command, elapsed, args, records, rows, mech_lines, figure):
+    """The report, results/depth_study.md: the models, the tables, the verdicts and the figure."""
+    md = ["# GradDrop against depth (toy IOI models)", "",
+          f"`{command}`: {elapsed:.0f} s wall clock, 1 torch thread"
+          + (" (training included)." if args.retrain else " (from the checkpoints in depth_models/).")
+          + " The wall-clock times are the only numbers here that differ from machine to machine.", "",
+          f"Models: toy IOI (toy_ioi.py), d_model {RECIPE['d_model']}, {RECIPE['n_head']} heads, AdamW lr "
+          f"{RECIPE['lr']:g}, batch {RECIPE['batch_size']}, {RECIPE['steps']} steps; used if held-out accuracy "
+          f">= {MIN_ACCURACY:.0%}. Training times: 1 torch thread on a shared 2-core machine under load.", "",
+          "| model | held-out accuracy | train accuracy | training time (s) | used |", "|---|---:|---:|---:|---|"]
+    md += [f"| L{r['n_layer']}_seed{r['seed']} | {r['test_accuracy']:.4f} | {r['train_accuracy']:.4f} | "
+           f"{r['train_seconds']:.0f} | {'yes' if r['test_accuracy'] >= MIN_ACCURACY else 'no'} |" for r in records]
+    md += ["", f"Prompt pairs: held-out names, `toy_ioi.make_pairs({args.pairs}, 'test', seed=0)`; single pair "
+           f"= each alone; distribution = all {args.pairs} as one D (c(n) = mean over them). Metric: logit "
+           "difference at the last position. Everything in float64.", "",
+           f"Counted nodes: |c(n)| >= {cm.COUNTED:g} x the family's largest |c(n)| (compare_methods.COUNTED); "
+           f"rankings and effects are compared on a grid of max/{GRID:.0e}, so last-bit differences between "
+           "CPUs do not reorder anything. Relative cost (paper §4, Experiments): inverse-rank-weighted "
+           "geometric mean of cost(x)/x, cost(x) = the method's own cost C + the exact patches until the true "
+           "top-x are all verified (1 = oracle); 'C left out' scores the order alone. Top-10 verifications: "
+           "exact patches, in the method's order, until the true top-10 are all verified (10 = oracle).", "",
+           "## Single prompt pairs: median / worst over pairs and seeds", ""]
+    md += study_table(rows, DEPTHS)
+    if not args.no_distribution:
+        md += ["", "## Distribution: relative cost (top-10 verifications), one value per seed", ""]
+        md += distribution_table(rows, DEPTHS)
+    md += ["", "## The mechanism: GradDrop score / |AtP+QK estimate|", "",
+           f"Per single prompt pair, the nodes whose |AtP+QK estimate| is at least {SHOWN:g} of the family's "
+           "largest; median ratio of their GradDrop score (per-pair, QK-fixed, as in AtP*) to |AtP+QK "
+           "estimate|. The metric reads the last position; a node at an earlier position reaches it only "
+           "through later attention layers, and each GradDrop term that drops one of those removes most of its "
+           "effect. Earlier keys and values are the exception: the last position's query reads them in their "
+           "own layer, whose term is 0 for every node anyway. (1 - ratio) x (number of terms) estimates how "
+           "many terms remove the effect: if it stays roughly constant as L grows, the shrink scales as "
+           "1/(L-1).", ""]
+    md += mech_lines
+    md += ["", "## Where AtP* beats AtP+QK fix (single pairs)", "", "```"] + beats_lines(rows, DEPTHS) + ["```", ""]
+    if figure:
+        md += [f"![relative cost against depth, and the shrink]({figure}.png)", ""]
+    return md
+
+
 def write_csv(path, rows, keys):
     with open(path, "w") as f:
         w = csv.writer(f, lineterminator="\n")
@@ -453,7 +509,6 @@ def main(argv=None):
     stem = os.path.join(args.out, "depth_study")
     os.makedirs(args.out, exist_ok=True)
     mech_lines, summary = mechanism_table(ratios, DEPTHS)
-    used = [r for r in records if r["test_accuracy"] >= MIN_ACCURACY]
     plotted = plot(stem + ".png", rows, summary, DEPTHS)
     write_csv(stem + "_shrink.csv", [dict(L=L, family=f, position=w, nodes=v[2], median_ratio_layer=v[0],
                                           median_ratio_sublayer=v[1]) for (L, f, w), v in summary.items()],
@@ -461,40 +516,7 @@ def main(argv=None):
     write_csv(stem + ".csv", rows, ["L", "seed", "where", "pair", "family", "method", "own_cost", "X",
                                     "rel_cost", "rel_cost_no_c", "top10"])
     command = "python depth_study.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    md = [f"# GradDrop against depth (toy IOI models)", "",
-          f"`{command}`: {elapsed:.0f} s wall clock, 1 torch thread"
-          + (" (training included)." if args.retrain else " (from the checkpoints in depth_models/)."), "",
-          f"Models: toy IOI (toy_ioi.py), d_model {RECIPE['d_model']}, {RECIPE['n_head']} heads, AdamW lr "
-          f"{RECIPE['lr']:g}, batch {RECIPE['batch_size']}, {RECIPE['steps']} steps; used if held-out accuracy "
-          f">= {MIN_ACCURACY:.0%}.", "",
-          "| model | held-out accuracy | train accuracy | training time (s, 1 thread) | used |", "|---|---:|---:|---:|---|"]
-    md += [f"| L{r['n_layer']}_seed{r['seed']} | {r['test_accuracy']:.4f} | {r['train_accuracy']:.4f} | "
-           f"{r['train_seconds']:.0f} | {'yes' if r in used else 'no'} |" for r in records]
-    md += ["", f"Prompt pairs: held-out names, `toy_ioi.make_pairs({args.pairs}, 'test', seed=0)`; "
-           f"single pair = each alone; distribution = all {args.pairs} as one D (c(n) = mean over them). Metric: logit difference at the last position. Everything in float64.", "",
-           f"Counted nodes: |c(n)| >= {cm.COUNTED:g} x the family's largest |c(n)| (compare_methods.COUNTED); rankings and effects are compared "
-           f"on a grid of max/{GRID:.0e}, so last-bit differences between CPUs do not reorder anything. Relative "
-           "cost (paper §4, Experiments): inverse-rank-weighted geometric mean of cost(x)/x, cost(x) = the "
-           "method's own cost C + the exact patches until the true top-x are all verified (1 = oracle); "
-           "'C left out' scores the order alone. Top-10 verifications: exact patches, in the method's "
-           "order, until the true top-10 are all verified (10 = oracle).", "",
-           "## Single prompt pairs: median / worst over pairs and seeds", ""]
-    md += study_table(rows, DEPTHS)
-    if not args.no_distribution:
-        md += ["", "## Distribution: relative cost (top-10 verifications), one value per seed", ""]
-        md += distribution_table(rows, DEPTHS)
-    md += ["", "## The mechanism: GradDrop score / |AtP+QK estimate|", "",
-           f"Per single prompt pair, the nodes whose |AtP+QK estimate| is at least {SHOWN:g} of the family's "
-           "largest; median ratio of their GradDrop score (per-pair, QK-fixed, as in AtP*) to |AtP+QK "
-           "estimate|. The metric reads the last position; a node at an earlier position reaches it only "
-           "through later attention layers, and each GradDrop term that drops one of those removes most of its "
-           "effect. Earlier keys and values are the exception: the last position's query reads them in their "
-           "own layer, whose term is 0 for every node anyway. (1 - ratio) x (number of terms) estimates how "
-           "many terms remove the effect: if it stays roughly constant as L grows, the shrink scales as 1/(L-1).", ""]
-    md += mech_lines
-    md += ["", "## Where AtP* beats AtP+QK fix (single pairs)", "", "```"] + beats_lines(rows, DEPTHS) + ["```", ""]
-    if plotted:
-        md += [f"![relative cost against depth, and the shrink]({os.path.basename(stem)}.png)", ""]
+    md = markdown_report(command, elapsed, args, records, rows, mech_lines, plotted and os.path.basename(stem))
     with open(stem + ".md", "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))

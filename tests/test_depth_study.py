@@ -1,8 +1,10 @@
 """
-Checks on depth_study.py's own arithmetic: the cost it charges per-sub-layer GradDrop, and the grid that
-makes its rankings the same on every CPU. (The estimators it scores are atp_minimal's, tested in
+Checks on depth_study.py's own parts: the cost it charges per-sub-layer GradDrop, the grid that makes its
+rankings the same on every CPU, and the accuracy floor for its models. (The estimators it scores are atp_minimal's, tested in
 tests/test_atp.py and tests/test_reference.py.) `pytest -s tests/test_depth_study.py`.
 """
+
+import os
 
 import torch
 
@@ -27,3 +29,19 @@ def test_grid_turns_last_bit_differences_into_ties_broken_in_natural_order():
     assert on[1] == on[2] == on[4]
     assert compare_methods.rank_by_score(on).tolist() == [1, 2, 4, 3, 0]
     assert torch.equal(depth_study.on_grid(torch.zeros(3)), torch.zeros(3))
+
+
+def test_a_model_below_the_accuracy_floor_is_recorded_and_not_used(tmp_path, monkeypatch):
+    # Two training steps leave a 2-layer model at chance: its record is written, its weights are not
+    # (and a checkpoint an earlier run left there is removed), and reading it back gives no model.
+    monkeypatch.setattr(depth_study, "MODELS_DIR", str(tmp_path))
+    monkeypatch.setitem(depth_study.RECIPE, "steps", 2)
+    stale = tmp_path / "L2_seed0"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"left by an earlier run")
+    model, record = depth_study.get_model(2, 0, retrain=True)
+    print(f"  2 steps: held-out accuracy {record['test_accuracy']:.3f}, files {sorted(os.listdir(stale))}")
+    assert model is None and record["test_accuracy"] < depth_study.MIN_ACCURACY
+    assert sorted(os.listdir(stale)) == ["training.json"]
+    again, same = depth_study.get_model(2, 0)
+    assert again is None and same == record
