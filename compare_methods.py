@@ -72,12 +72,18 @@ PATCH = FORWARD  # one jointly patched set of nodes, one pair
 VERIFY = PATCH  # one node verified by exact activation patching, one pair
 
 
-def atp_cost(n_layer, qk_fix=False, grad_drop=False, kinds=atp.KINDS):
+def atp_cost(n_layer, qk_fix=False, grad_drop=False, kinds=atp.KINDS, unit="layer"):
     """Own cost per prompt pair of atp.attribution_patching for the nodes of `kinds`, layer by layer as it
-    computes. The QK fix costs nothing when there are no q or k nodes to fix (MLP neurons alone)."""
+    computes. The QK fix costs nothing when there are no q or k nodes to fix (MLP neurons alone).
+    unit="sublayer" (GradDrop per sub-layer write): the pass dropping attn_l backpropagates through the
+    l blocks below it (2 l / L), the pass dropping mlp_l through those and attn_l, counted as half a block
+    (2 (l + 1/2) / L): in all 2L - 1; the QK fix then reaches l / L and (l + 1) / L of the layers: L more."""
     L = n_layer
     qk_fix = qk_fix and any(k in ("q", "k") for k in kinds)
     cost = BASE + BACKWARD  # noise forward, clean forward, one backward through all L layers
+    if grad_drop and unit == "sublayer":
+        cost += BACKWARD * sum((2 * l + 0.5) / L for l in range(L))
+        return cost + (FORWARD + FORWARD * sum((2 * l + 1) / L for l in range(L)) if qk_fix else 0)
     if grad_drop:
         cost += sum(BACKWARD * l / L for l in range(1, L))  # drop layer l: backward through layers 0..l-1
     if qk_fix:

@@ -115,19 +115,6 @@ def get_model(L, seed, retrain=False):
 
 # --- the cost of per-sub-layer GradDrop
 
-def sublayer_cost(L, qk_fix, kinds):
-    """Own cost per prompt pair of per-sub-layer GradDrop, in compare_methods' accounting: AtP, then
-    the pass dropping attn_l backpropagates through the l blocks below it (2 l / L) and the pass
-    dropping mlp_l through those and attn_l (counted as half a block: 2 (l + 1/2) / L); in all
-    sum 2 (2l + 1/2) / L = 2L - 1. The QK fix, when there are q or k nodes: 1 for the plain gradient,
-    and per pass the attention layers it reaches (l / L, then (l + 1) / L): L more."""
-    qk = qk_fix and any(k in ("q", "k") for k in kinds)
-    cost = cm.BASE + cm.BACKWARD + cm.BACKWARD * sum((2 * l + 0.5) / L for l in range(L))
-    if qk:
-        cost += cm.FORWARD + cm.FORWARD * sum((2 * l + 1) / L for l in range(L))
-    return cost
-
-
 # --- scoring one setting
 
 METHODS = ("AtP", "AtP+QK fix", "AtP*", "AtP* (sub-layer GradDrop)")
@@ -187,7 +174,7 @@ def score_setting(cfg, T, truth, est, moved, pairs):
             s = on_grid(fam.vector(score).double())[candidates]  # (n,)
             order = torch.cat([candidates[cm.rank_by_score(s)], rest])  # (N,): unmoved nodes last
             qk, gd = method != "AtP", method.startswith("AtP*")
-            own = sublayer_cost(L, qk, kinds) if "sub-layer" in method else cm.atp_cost(L, qk, gd, kinds)
+            own = cm.atp_cost(L, qk, gd, kinds, unit="sublayer" if "sub-layer" in method else "layer")
             curve = cm.cost_of_verified_recall(order, c, own)  # (X,): x over the nodes that count
             position = torch.empty_like(order)
             position[order] = torch.arange(len(order))
