@@ -176,7 +176,8 @@ def activation_patching_reference(model, clean, noise, metric, kinds=KINDS, posi
         for k in kinds:
             nodes = all_nodes(model, k, clean.shape[1], positions)
             values = [metric(model(clean, hooks=patch_hooks([n], noise_acts))) - base for n in nodes]  # (B,) each
-            effects[k] = torch.stack(values, 1).view((B, L) + ((-1,) if positions == "each" else ()) + (n_units(model, k),))
+            shape = (B, L) + ((-1,) if positions == "each" else ()) + (n_units(model, k),)  # (B, L, T, U)
+            effects[k] = torch.stack(values, 1).view(shape)
     return effects
 
 
@@ -728,7 +729,8 @@ class Estimator:
                     if G is not None:
                         out[k][:, l] = self.qk_estimate(k, l, G.to(self.dtype))
                 elif grads.get(site(k, l)) is not None:  # None: no path from this node to the metric
-                    act_clean, act_noise = (as_units(acts[site(k, l)]).to(self.dtype) for acts in (self.clean, self.noise))
+                    act_clean, act_noise = (as_units(acts[site(k, l)]).to(self.dtype)
+                                            for acts in (self.clean, self.noise))
                     est = ((act_noise - act_clean) * as_units(grads[site(k, l)]).to(self.dtype)).sum(-1)  # (B, T, U)
                     out[k][:, l] = est.sum(1) if self.positions == "all" else est
         return out
@@ -801,14 +803,18 @@ def check_inputs(model, clean, noise, kinds, positions="each"):
                             f"{' ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
     cfg, device = model.config, next(model.parameters()).device
     if clean.shape != noise.shape:
-        raise ValueError(f"clean and noise must have the same shape (B, T); got {tuple(clean.shape)} and {tuple(noise.shape)}")
+        raise ValueError(f"clean and noise must have the same shape (B, T); got {tuple(clean.shape)} and "
+                         f"{tuple(noise.shape)}")
     if clean.shape[0] == 0 or not 1 <= clean.shape[1] <= cfg.n_positions:
-        raise ValueError(f"need at least one prompt pair and 1 <= T <= n_positions = {cfg.n_positions}; got (B, T) = {tuple(clean.shape)}")
+        raise ValueError(f"need at least one prompt pair and 1 <= T <= n_positions = {cfg.n_positions}; "
+                         f"got (B, T) = {tuple(clean.shape)}")
     for name, x in (("clean", clean), ("noise", noise)):
         if x.device != device:
-            raise ValueError(f"{name} tokens are on {x.device} but the model is on {device}; move them with .to({str(device)!r})")
+            raise ValueError(f"{name} tokens are on {x.device} but the model is on {device}; "
+                             f"move them with .to({str(device)!r})")
         if x.min() < 0 or x.max() >= cfg.vocab_size:
-            raise ValueError(f"{name} token ids must lie in [0, {cfg.vocab_size}); got min {int(x.min())}, max {int(x.max())}")
+            raise ValueError(f"{name} token ids must lie in [0, {cfg.vocab_size}); "
+                             f"got min {int(x.min())}, max {int(x.max())}")
     if isinstance(kinds, str) or not hasattr(kinds, "__iter__"):
         raise TypeError(f"kinds must be a collection of node kinds, e.g. ('q', 'k'); got {kinds!r}")
     if isinstance(kinds, (set, frozenset)):
@@ -868,7 +874,8 @@ def check_count(value, name, low, high=None):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
         upper = f" and the number of nodes given ({high})" if high is not None else ""
-        raise ValueError(f"{name} must be between {low}{upper}; got {value}" if upper else f"{name} must be at least {low}, got {value}")
+        raise ValueError(f"{name} must be between {low}{upper}; got {value}" if upper
+                         else f"{name} must be at least {low}, got {value}")
     return int(value)
 
 
@@ -879,11 +886,13 @@ def check_alpha(alpha):
 
 def check_scores(scores):
     if not isinstance(scores, dict) or not scores:
-        raise ValueError("rank_nodes takes a non-empty dict kind -> scores, e.g. {k: s.mean(0) for k, s in scores.items()}")
+        raise ValueError("rank_nodes takes a non-empty dict kind -> scores, "
+                         "e.g. {k: s.mean(0) for k, s in scores.items()}")
     for k, s in scores.items():
         if k not in KINDS or not isinstance(s, torch.Tensor) or s.dim() not in (2, 3):
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"rank_nodes needs one value per node, kind -> (L, T, U) or (L, U), kinds from {KINDS}; got "
+            raise ValueError(f"rank_nodes needs one value per node, kind -> (L, T, U) or (L, U), kinds from "
+                             f"{KINDS}; got "
                              f"{k!r}: {got}. Per-pair scores (B, L, T, U) are averaged first: s.mean(0)")
         if not torch.isfinite(s).all():
             raise ValueError(f"scores for {k!r} hold {int((~torch.isfinite(s)).sum())} NaN or infinite values")
@@ -914,7 +923,8 @@ def check_nodes(model, T, nodes):
 def token_ids(ids, name):
     ids = torch.as_tensor(ids)
     if ids.is_floating_point() or ids.dtype == torch.bool or ids.dim() > 1 or (ids.numel() and ids.min() < 0):
-        raise ValueError(f"{name} must be one token id or one per prompt pair (non-negative integers); got {ids.tolist()}")
+        raise ValueError(f"{name} must be one token id or one per prompt pair (non-negative integers); "
+                         f"got {ids.tolist()}")
     return ids
 
 

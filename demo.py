@@ -38,8 +38,29 @@ def gpt2_ioi_pairs(n, seed=0):
 
 
 def main(argv=None):
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    torch.manual_seed(args.seed)
+    if args.threads or args.model is None:
+        torch.set_num_threads(args.threads or 1)
+    model, clean, noise, answer, wrong, show, label = load(args)
+    check_sizes(parser, args, model.config, clean.shape[1])
+    metric = logit_diff(answer, wrong)  # logit(answer) - logit(other name), last position
+    cfg = model.config
+    print(f"model: {label}: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}")
+    print(f"prompt pair 0 of {args.pairs}:\n  clean: {show[0]!r}\n  noise: {show[1]!r}")
+    with torch.no_grad():
+        m_clean, m_noise = metric(model(clean)), metric(model(noise))
+    print(f"metric = logit diff (answer - other name): clean {m_clean.mean():+.3f}, noise {m_noise.mean():+.3f}")
+    truth, scores = run_methods(model, clean, noise, metric)
+    for family, kinds in (("attention nodes (q, k, v, z)", ("q", "k", "v", "z")), ("MLP neurons", ("neuron",))):
+        print_family(family, kinds, truth, scores, args.top)
+    print_bound(model, clean, noise, metric, truth, scores, args)
+
+
+def argument_parser():
     import argparse
-    import time
     parser = argparse.ArgumentParser(description="AtP* worked example: exact patching vs AtP, AtP+QK fix and "
                                      "AtP*, then verify-then-bound. Default: the shipped toy IOI model.")
     parser.add_argument("--model", default=None, help="a Hugging Face GPT-2 directory (config.json + weights); "
@@ -51,11 +72,11 @@ def main(argv=None):
     parser.add_argument("--verify", type=int, default=20, help="nodes verified before the bound")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the "
                         "toy model, whose matrices are too small to gain from more; torch's default otherwise)")
-    args = parser.parse_args(argv)
-    check_arguments(parser, args)
-    torch.manual_seed(args.seed)
-    if args.threads or args.model is None:
-        torch.set_num_threads(args.threads or 1)
+    return parser
+
+
+def load(args):
+    """The model and the IOI prompt pairs (B, T) on args.device, the first pair as text, and a label."""
     if args.model is None:
         import toy_ioi
         model = toy_ioi.load_toy_model()
@@ -68,16 +89,14 @@ def main(argv=None):
         clean, noise, answer, wrong, *show = gpt2_ioi_pairs(args.pairs, args.seed)
         label = args.model
     model.to(args.device)
-    check_sizes(parser, args, model.config, clean.shape[1])
     clean, noise, answer, wrong = (x.to(args.device) for x in (clean, noise, answer, wrong))
-    metric = logit_diff(answer, wrong)  # logit(answer) - logit(other name), last position
-    cfg = model.config
-    print(f"model: {label}: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}")
-    print(f"prompt pair 0 of {args.pairs}:\n  clean: {show[0]!r}\n  noise: {show[1]!r}")
-    with torch.no_grad():
-        m_clean, m_noise = metric(model(clean)), metric(model(noise))
-    print(f"metric = logit diff (answer - other name): clean {m_clean.mean():+.3f}, noise {m_noise.mean():+.3f}")
+    return model, clean, noise, answer, wrong, show, label
 
+
+def run_methods(model, clean, noise, metric):
+    """Exact patching and the three estimators, timed. Returns c(n) (kind -> (L, T, U)) and each method's
+    score (name -> kind -> (L, T, U)): estimates are |.| per pair, then the mean (paper §2 Background)."""
+    import time
     timings, results = {}, {}
     methods = [("exact", lambda: activation_patching(model, clean, noise, metric)),
                ("AtP", lambda: atp_estimates(model, clean, noise, metric)),
@@ -88,38 +107,42 @@ def main(argv=None):
         results[name] = run()
         timings[name] = time.perf_counter() - start
     print("time: " + ", ".join(f"{n} {t:.2f}s" for n, t in timings.items()))
-    # c(n) = mean over pairs of the signed effect; estimates are |.| per pair, then the mean (§2)
-    truth = {k: v.mean(0) for k, v in results["exact"].items()}
+    truth = {k: v.mean(0) for k, v in results["exact"].items()}  # c(n): the mean of the signed effects
     scores = {name: {k: v.abs().mean(0) for k, v in results[name].items()} for name in ("AtP", "AtP+QK", "AtP*")}
+    return truth, scores
 
-    K = args.top
-    for family, kinds in (("attention nodes (q, k, v, z)", ("q", "k", "v", "z")), ("MLP neurons", ("neuron",))):
-        true_rank, true_vals = rank_nodes({k: truth[k].abs() for k in kinds})
-        c_of = dict(zip(true_rank, [truth[n[0]][n[1:]].item() for n in true_rank]))
-        ranks = {name: rank_nodes({k: s[k] for k in kinds})[0] for name, s in scores.items()}
-        print(f"\n== {family}: {len(true_rank)} nodes; true top-{K} by |c(n)| ==")
-        print(f"{'rank':>4}  {'exact c(n)':>22} " + " ".join(f"{name:>26}" for name in ranks))
-        for i in range(K):
-            row = f"{i + 1:>4}  {node_label(true_rank[i]):>13} {c_of[true_rank[i]]:+8.3f} "
-            row += " ".join(f"{node_label(r[i]):>17} {c_of[r[i]]:+8.3f}" for r in ranks.values())
-            print(row)
-        top = set(true_rank[:K])
-        print(f"recall of the true top-{K} in each method's top-{K}: " + ", ".join(
-            f"{name} {len(top & set(r[:K])) / K:.0%}" for name, r in ranks.items()))
-        print(f"exact patches to verify the true top-{K} in each method's order: " + ", ".join(
-            f"{name} {verifications_needed(r, top)}" for name, r in ranks.items()) + f" (oracle {K})")
-        position = {name: {n: i + 1 for i, n in enumerate(r)} for name, r in ranks.items()}
-        missed = [n for n in true_rank[:K] if position["AtP"][n] > K]
-        print(f"AtP false negatives (true top-{K}, outside AtP's top-{K}) and where each method ranks them:")
-        for n in missed:
-            print(f"  {node_label(n):>17}  c(n) {c_of[n]:+.3f}   " + "   ".join(
-                f"{name} #{position[name][n]}" for name in ranks))
-        if not missed:
-            print("  none")
 
-    # Verify-then-bound (§5): rank attention nodes by AtP*, verify the top, bound the unverified rest.
-    kinds = ("q", "k", "v", "z")
-    ranking, _ = rank_nodes({k: scores["AtP*"][k] for k in kinds})
+def print_family(family, kinds, truth, scores, K):
+    """The true top-K of one node family side by side with each method's top-K, recall, verification
+    cost, and where each method ranks AtP's false negatives."""
+    true_rank, _ = rank_nodes({k: truth[k].abs() for k in kinds})
+    c_of = dict(zip(true_rank, [truth[n[0]][n[1:]].item() for n in true_rank]))
+    ranks = {name: rank_nodes({k: s[k] for k in kinds})[0] for name, s in scores.items()}
+    print(f"\n== {family}: {len(true_rank)} nodes; true top-{K} by |c(n)| ==")
+    print(f"{'rank':>4}  {'exact c(n)':>22} " + " ".join(f"{name:>26}" for name in ranks))
+    for i in range(K):
+        row = f"{i + 1:>4}  {node_label(true_rank[i]):>13} {c_of[true_rank[i]]:+8.3f} "
+        row += " ".join(f"{node_label(r[i]):>17} {c_of[r[i]]:+8.3f}" for r in ranks.values())
+        print(row)
+    top = set(true_rank[:K])
+    print(f"recall of the true top-{K} in each method's top-{K}: " + ", ".join(
+        f"{name} {len(top & set(r[:K])) / K:.0%}" for name, r in ranks.items()))
+    print(f"exact patches to verify the true top-{K} in each method's order: " + ", ".join(
+        f"{name} {verifications_needed(r, top)}" for name, r in ranks.items()) + f" (oracle {K})")
+    position = {name: {n: i + 1 for i, n in enumerate(r)} for name, r in ranks.items()}
+    missed = [n for n in true_rank[:K] if position["AtP"][n] > K]
+    print(f"AtP false negatives (true top-{K}, outside AtP's top-{K}) and where each method ranks them:")
+    for n in missed:
+        print(f"  {node_label(n):>17}  c(n) {c_of[n]:+.3f}   " + "   ".join(
+            f"{name} #{position[name][n]}" for name in ranks))
+    if not missed:
+        print("  none")
+
+
+def print_bound(model, clean, noise, metric, truth, scores, args):
+    """Verify-then-bound (the paper's diagnostic): rank attention nodes by AtP*, verify the top, bound the rest."""
+    import time
+    ranking, _ = rank_nodes({k: scores["AtP*"][k] for k in ("q", "k", "v", "z")})
     start = time.perf_counter()
     p, n_samples = 0.1, 200
     bound = false_negative_bound(model, clean, noise, metric, ranking, K=args.verify, p=p, n_samples=n_samples,

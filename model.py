@@ -230,7 +230,8 @@ class GPT(nn.Module):
         if hooks is None:
             return
         if not isinstance(hooks, dict):
-            raise TypeError(f"hooks must be a dict {{site name: fn(tensor) -> tensor or None}}, got {type(hooks).__name__}")
+            raise TypeError(f"hooks must be a dict {{site name: fn(tensor) -> tensor or None}}, "
+                            f"got {type(hooks).__name__}")
         unknown = sorted(set(hooks) - set(self.site_names()))
         if unknown:
             raise KeyError(f"unknown hook site(s) {unknown}; model.site_names() lists the valid ones")
