@@ -38,7 +38,7 @@ The model protocol: what a model must provide to be used with this file.
       blocks.{l}.attn.hook_v, attn.hook_z            (B, T, H, Dh)  z: pattern-weighted values, before W_O
       blocks.{l}.attn.hook_pattern                   (B, H, T, S)
       blocks.{l}.mlp.hook_post                       (B, T, M)  the neurons
-      blocks.{l}.hook_attn_out, hook_mlp_out         (B, T, D)  layer l's residual writes:
+      blocks.{l}.hook_attn_out, hook_mlp_out         (B, T, D)  layer l's residual writes, with
       blocks.{l}.hook_resid_post                     (B, T, D)  = resid_pre + attn_out + mlp_out
   Optional (only faster: without it exact patching runs full forwards and gives the same numbers)
   - model.forward_from(layer, resid, hooks, past, last_position_only) -> logits: run blocks layer..L-1
@@ -63,6 +63,11 @@ import torch
 KINDS = ("q", "k", "v", "z", "neuron")
 SITES = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v", "z": "attn.hook_z",
          "neuron": "mlp.hook_post"}
+
+
+class PerPair(dict):
+    """kind -> tensor (B, ...): one value per prompt pair and node. A plain dict otherwise; rank_nodes
+    refuses it, since a ranking needs one value per node (average over the pairs first: .mean(0))."""
 
 
 # ==================================================================================================
@@ -144,6 +149,7 @@ def patch_nodes(model, clean, noise, metric, nodes):
     """metric(clean | do(nodes <- their noise values)) - metric(clean), (B,), one patched forward.
     With one node this is I(n), the node's exact effect; with several, one joint patch of all of them."""
     check_inputs(model, clean, noise, KINDS)
+    nodes = check_nodes(model, clean.shape[1], nodes)
     with eval_mode(model), torch.no_grad():
         _, noise_acts = run_with_cache(model, noise, {site(n[0], n[1]) for n in nodes})
         return metric(model(clean, hooks=patch_hooks(nodes, noise_acts))) - metric(model(clean))  # (B,)
@@ -178,7 +184,7 @@ def activation_patching_reference(model, clean, noise, metric, kinds=KINDS, posi
             values = [metric(model(clean, hooks=patch_hooks([n], noise_acts))) - base for n in nodes]  # (B,) each
             shape = (B, L) + ((-1,) if positions == "each" else ()) + (n_units(model, k),)  # (B, L, T, U)
             effects[k] = torch.stack(values, 1).view(shape)
-    return effects
+    return PerPair(effects)
 
 
 # --- AtP (paper §2 Background: attribution patching)
@@ -201,7 +207,7 @@ def atp_estimates_reference(model, clean, noise, metric, kinds=KINDS, qk_fix=Fal
             _, noise_acts = run_with_cache(model, noise, names + qk)  # forward 1: the noise run
         with torch.enable_grad():
             logits, clean_acts = run_with_cache(model, clean, names + qk + patterns, hooks)  # forward 2
-            values = check_metric_values(metric(logits), clean.shape[0], "the clean run", grad=True)
+            values = check_metric(metric, logits, clean.shape[0], grad=True)
             wrt = names + patterns  # backward: dL/dn for every node site, dL/dpattern for the QK fix
             grads = torch.autograd.grad(values.sum(), [clean_acts[n] for n in wrt], allow_unused=True)
     grad = {n: (g if g is not None else torch.zeros_like(clean_acts[n])) for n, g in zip(wrt, grads)}
@@ -220,8 +226,8 @@ def atp_estimates_reference(model, clean, noise, metric, kinds=KINDS, qk_fix=Fal
                 est = (delta * as_units(grad[site(k, l)])).sum(-1)  # (B, T, U): Delta n . dL/dn
                 est = est.sum(1) if positions == "all" else est
             per_layer.append(est.detach())
-        out[k] = torch.stack(per_layer, 1)  # (B, L, T, U)
-    return out
+        out[k] = torch.stack(per_layer, 1)  # (B, L, T, U), (B, L, U) for "all"; T is S for keys
+    return PerPair(out)
 
 
 # --- the QK fix (paper §3 Methods: attention saturation). Recompute the attention softmax exactly, and
@@ -279,8 +285,9 @@ def grad_drop_units(model, unit="layer"):
 
 def grad_drop_scores_reference(model, clean, noise, metric, kinds=KINDS, qk_fix=False, positions="each",
                                unit="layer"):
-    """GradDrop, literally: for each unit u (a layer), one more clean forward and backward with u's write
-    detached, and   c_hat_GD(n) = sum_u |I_hat_u(n)| / (number of units - 1),   per pair.
+    """GradDrop, literally: for each unit u (a layer, or with unit="sublayer" an attention or MLP write),
+    one more clean forward and backward with u's write detached, and the per-pair score
+        sum_u |I_hat_u(n)| / (number of units - 1);   c_hat_GD(n) is its mean over the pairs.
     A node inside the dropped unit gets no gradient, so one term is always 0: hence L - 1 (2L - 1 for
     sub-layers). Returns per-pair scores >= 0, kind -> (B, L, T, U)."""
     units = grad_drop_units(model, unit)
@@ -289,7 +296,7 @@ def grad_drop_scores_reference(model, clean, noise, metric, kinds=KINDS, qk_fix=
     for writes in units:
         est = atp_estimates_reference(model, clean, noise, metric, kinds, qk_fix, positions, detach=writes)
         total = {k: v.abs() + total.get(k, 0) for k, v in est.items()}
-    return {k: v / (len(units) - 1) for k, v in total.items()}
+    return PerPair({k: v / (len(units) - 1) for k, v in total.items()})
 
 
 # --- AtP* (paper §3 Methods) = AtP + the QK fix + GradDrop
@@ -410,6 +417,7 @@ def false_negative_bound(model, clean, noise, metric, ranking, K, p=0.1, n_sampl
     p_value (for theta), and per-node c_ss, se, df on R in the order of `unverified`. Assumes approximate
     additivity of node effects, as the paper does; interactions bias c_ss by O(p)."""
     check_alpha(alpha)
+    check_ranking(ranking)
     check_count(K, "K", 0, len(ranking))
     verified, effects = verify(model, clean, noise, metric, ranking, K, chunk_size, progress)
     rest = list(ranking[K:])
@@ -468,7 +476,7 @@ def activation_patching(model, clean, noise, metric, kinds=KINDS, positions="eac
             for i in range(n):
                 value = check_metric_values(metric(logits[i * B:(i + 1) * B]), B, f"a patched run ({k}, layer {l})")
                 effects[k][(slice(None), l) + ((pos,) if pos is not None else ()) + (int(units[i]),)] = value - base
-    return effects
+    return PerPair(effects)
 
 
 def clean_and_noise_runs(model, clean, noise, metric, kinds):
@@ -661,10 +669,10 @@ def _attribution(model, clean, noise, metric, kinds, qk_fix, positions, grad_dro
             estimate = Estimator(model, clean_acts, noise_acts, kinds, use_qk, positions)
             plain = estimate(grads, layers=range(L))  # kind -> (B, L, T, U), signed
             if not grad_drop:
-                return plain
+                return PerPair(plain)
             terms = _grad_drop_layers(estimate, plain, grads, clean_acts, names + patterns, L) if grad_drop == "layer" \
                 else _grad_drop_sublayers(estimate, plain, grads, clean_acts, names + patterns, L)
-            return {k: v / (len(units) - 1) for k, v in terms.items()}
+            return PerPair({k: v / (len(units) - 1) for k, v in terms.items()})
 
 
 def _grad_drop_layers(estimate, plain, grads, clean_acts, wrt, L):
@@ -885,6 +893,9 @@ def check_alpha(alpha):
 
 
 def check_scores(scores):
+    if isinstance(scores, PerPair):
+        raise ValueError("rank_nodes got per-pair results (B, ...): it needs one value per node; average over "
+                         "the pairs first, e.g. {k: s.mean(0) for k, s in scores.items()}")
     if not isinstance(scores, dict) or not scores:
         raise ValueError("rank_nodes takes a non-empty dict kind -> scores, "
                          "e.g. {k: s.mean(0) for k, s in scores.items()}")
@@ -925,7 +936,7 @@ def token_ids(ids, name):
     if ids.is_floating_point() or ids.dtype == torch.bool or ids.dim() > 1 or (ids.numel() and ids.min() < 0):
         raise ValueError(f"{name} must be one token id or one per prompt pair (non-negative integers); "
                          f"got {ids.tolist()}")
-    return ids
+    return ids.long()  # gather takes int64 indices
 
 
 def check_position(position):
@@ -994,6 +1005,8 @@ def student_t_sf(t, df):
 def student_t_quantile(q, df):
     """The t with P(T <= t) = q, by bisection on student_t_sf (accurate to ~1e-12)."""
     lo, hi = -1e3, 1e3
+    while 1.0 - student_t_sf(hi, df) < q:  # heavy tails (df near 1, tiny alpha): widen the bracket
+        lo, hi = hi, 10 * hi
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if 1.0 - student_t_sf(mid, df) < q:

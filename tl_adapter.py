@@ -68,6 +68,7 @@ class HookedTransformerAdapter(torch.nn.Module):
         check_version()
         check_architecture(model)
         self.model = model
+        self.train(model.training)  # the adapter's mode is the user's model's (eval_mode restores it)
         cfg = model.cfg
         self.config = AdaptedConfig(n_layer=cfg.n_layers, n_head=cfg.n_heads, d_head=cfg.d_head,
                                     d_mlp=cfg.d_mlp, vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx)

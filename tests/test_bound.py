@@ -130,3 +130,10 @@ def test_bound_refuses_impossible_settings():
     assert everything["theta_star"] == 0.0 and everything["p_value"] == 0.0
     with pytest.raises(ValueError, match="budget"):
         atp.verify(model, clean, noise, metric, ranking, len(ranking) + 1)
+
+
+def test_t_quantile_of_a_heavy_tail_beyond_the_first_bracket():
+    # df = 1 is the Cauchy distribution: its quantile is tan(pi (q - 1/2)), 3183.1 at q = 1 - 1e-4.
+    got, want = atp.student_t_quantile(1 - 1e-4, 1.0), math.tan(math.pi * (0.5 - 1e-4))
+    print(f"  t quantile, df 1, q 1 - 1e-4: {got:.6f} (Cauchy closed form {want:.6f})")
+    assert abs(got - want) < 1e-6 * want

@@ -96,6 +96,14 @@ CASES = [
      TypeError, "chunk_size must be an integer"),
     ("false_negative_bound: K above the node count", lambda: atp.false_negative_bound(
         MODEL, CLEAN, NOISE, METRIC, RANKING[:5], K=6), ValueError, "K must be between 0 and the number of nodes given (5)"),
+    ("rank_nodes: per-pair scores of whole-position nodes (B, L, U)", lambda: atp.rank_nodes(
+        atp.atp_star(MODEL, CLEAN, NOISE, METRIC, positions="all")), ValueError, "per-pair results"),
+    ("patch_nodes: a position out of range", lambda: atp.patch_nodes(MODEL, CLEAN, NOISE, METRIC, [("z", 0, -1, 0)]),
+     ValueError, "bad node"),
+    ("false_negative_bound: (nodes, values) passed whole", lambda: atp.false_negative_bound(
+        MODEL, CLEAN, NOISE, METRIC, (RANKING, VALUES), K=3), TypeError, "rank_nodes(...)[0]"),
+    ("atp_estimates_reference: metric not row-wise", lambda: atp.atp_estimates_reference(
+        MODEL, CLEAN, NOISE, not_row_wise), ValueError, "not row-wise"),
     ("model call: hooks as a list", lambda: MODEL(CLEAN, hooks=[lambda t: None]), TypeError, "hooks must be a dict"),
     ("model call: a hook that is not callable", lambda: MODEL(CLEAN, hooks={"blocks.0.attn.hook_z": 3}),
      TypeError, "not callable"),
@@ -108,6 +116,15 @@ def test_a_bad_input_gets_a_clear_error(what, call, error, words):
         call()
     print(f"  {what}: {type(raised.value).__name__}: {raised.value}")
     assert words in str(raised.value)
+
+
+def test_token_ids_of_any_integer_dtype_give_the_same_metric():
+    logits = torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = atp.neg_log_prob([1, 2])(logits)
+    for ids in (torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([1, 2], dtype=torch.int32)):
+        got = atp.neg_log_prob(ids)(logits)
+        print(f"  neg_log_prob with {ids.dtype} ids: equal to int64 ids: {torch.equal(got, want)}")
+        assert torch.equal(got, want)
 
 
 def test_kinds_as_a_set_give_the_same_answer_as_a_tuple():

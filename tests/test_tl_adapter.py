@@ -469,6 +469,10 @@ def test_the_users_model_keeps_its_weights_hooks_and_mode(style):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
     assert model.training
+    model.eval()  # and a model in eval mode stays in eval mode
+    atp.atp_estimates(tl_adapter.adapt(model), clean, noise, metric)
+    print(f"  {style}: weights unchanged, no hooks left, train and eval modes kept")
+    assert not model.training
 
 
 def test_processed_weights_give_the_same_effects_for_a_logit_difference_but_not_for_a_raw_logit():
