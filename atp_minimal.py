@@ -838,15 +838,19 @@ def check_inputs(model, clean, noise, kinds, positions="each"):
 
 def check_metric(metric, logits, B, grad=False):
     """The metric on the clean run, checked: (B,) finite floats; row b depends on row b of the logits
-    alone (moving row 0 moves no other value); with last_position_only, on the last position alone."""
+    alone (moving the first or the last row moves no other value); with last_position_only, on the last
+    position alone."""
     values = check_metric_values(metric(logits), B, "the clean run", grad)
     with torch.no_grad():
         ramp = torch.linspace(0.0, 1.0, logits.shape[-1], dtype=logits.dtype, device=logits.device)  # (V,)
         tol = lambda v: 1e-5 * (1.0 + v.abs())
-        if B > 1:
-            other = metric(torch.cat([logits[:1] + ramp, logits[1:]])) - values.detach()
-            if (other[1:].abs() > tol(values[1:].detach())).any():
-                raise ValueError("the metric is not row-wise: changing prompt pair 0's logits changed the other "
+        for row in sorted({0, B - 1}) if B > 1 else []:
+            moved = logits.clone()
+            moved[row] += ramp
+            other = (metric(moved) - values.detach()).abs()  # (B,)
+            other[row] = 0.0
+            if (other > tol(values.detach())).any():
+                raise ValueError(f"the metric is not row-wise: changing prompt pair {row}'s logits changed other "
                                  "pairs' values (e.g. x - x.mean()); value b must depend on row b alone")
         if getattr(metric, "last_position_only", False) and logits.shape[1] > 1:
             shifted = metric(torch.cat([logits[:, :-1] + ramp, logits[:, -1:]], 1)) - values.detach()

@@ -39,6 +39,11 @@ def reads_position_0_but_says_last(logits):
 
 reads_position_0_but_says_last.last_position_only = True
 
+
+def mixes_the_last_two_rows(logits):
+    values = METRIC(logits)
+    return torch.cat([values[:-2], values[-2:] - values[-2:].mean()])
+
 every_api = {
     "activation_patching": lambda **kw: atp.activation_patching(MODEL, **kw),
     "atp_estimates": lambda **kw: atp.atp_estimates(MODEL, **kw),
@@ -52,6 +57,8 @@ CASES = [
     *[(f"{name}: last_position_only metric reads position 0", lambda f=f: f(
         clean=CLEAN, noise=NOISE, metric=reads_position_0_but_says_last), ValueError, "last_position_only")
       for name, f in every_api.items()],
+    ("metric mixing the last two pairs only", lambda: atp.atp_star(MODEL, CLEAN, NOISE, mixes_the_last_two_rows),
+     ValueError, "not row-wise"),
     ("atp_star kinds=('q', 'q')", lambda: atp.atp_star(MODEL, CLEAN, NOISE, METRIC, kinds=("q", "q")),
      ValueError, "each node kind once"),
     ("kinds='q' (a string)", lambda: atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds="q"), TypeError, "collection"),
