@@ -148,11 +148,19 @@ def neg_log_prob(target, position=-1):
 def patch_nodes(model, clean, noise, metric, nodes):
     """metric(clean | do(nodes <- their noise values)) - metric(clean), (B,), one patched forward.
     With one node this is I(n), the node's exact effect; with several, one joint patch of all of them."""
+    return patch_node_sets_reference(model, clean, noise, metric, [nodes])[0]
+
+
+def patch_node_sets_reference(model, clean, noise, metric, node_sets):
+    """patch_nodes for each of J node sets: (J, B). The noise activations and the clean metric are
+    computed once; then one patched forward per set."""
     check_inputs(model, clean, noise, KINDS)
-    nodes = check_nodes(model, clean.shape[1], nodes)
+    node_sets = [check_nodes(model, clean.shape[1], nodes) for nodes in node_sets]
     with eval_mode(model), torch.no_grad():
-        _, noise_acts = run_with_cache(model, noise, {site(n[0], n[1]) for n in nodes})
-        return metric(model(clean, hooks=patch_hooks(nodes, noise_acts))) - metric(model(clean))  # (B,)
+        _, noise_acts = run_with_cache(model, noise, {site(n[0], n[1]) for nodes in node_sets for n in nodes})
+        base = check_metric(metric, model(clean), clean.shape[0])  # (B,), the clean run's metric
+        effects = [metric(model(clean, hooks=patch_hooks(nodes, noise_acts))) - base for nodes in node_sets]
+    return torch.stack(effects) if effects else base.new_zeros(0, clean.shape[0])  # (J, B)
 
 
 def patch_hooks(nodes, noise_acts):
@@ -175,15 +183,12 @@ def activation_patching_reference(model, clean, noise, metric, kinds=KINDS, posi
     I(n) = metric(clean | do(n <- n(noise))) - metric(clean). Returns kind -> (B, L, T, U) ((B, L, U) for
     positions="all"); the true contribution is c(n) = effects[kind].mean(0)."""
     kinds = check_inputs(model, clean, noise, kinds, positions)
-    B, L, effects = clean.shape[0], model.config.n_layer, {}
-    with eval_mode(model), torch.no_grad():
-        _, noise_acts = run_with_cache(model, noise, [site(k, l) for k in kinds for l in range(L)])
-        base = check_metric(metric, model(clean), B)  # (B,), the clean run's metric
-        for k in kinds:
-            nodes = all_nodes(model, k, clean.shape[1], positions)
-            values = [metric(model(clean, hooks=patch_hooks([n], noise_acts))) - base for n in nodes]  # (B,) each
-            shape = (B, L) + ((-1,) if positions == "each" else ()) + (n_units(model, k),)  # (B, L, T, U)
-            effects[k] = torch.stack(values, 1).view(shape)
+    effects = {}
+    for k in kinds:
+        nodes = all_nodes(model, k, clean.shape[1], positions)
+        values = patch_node_sets_reference(model, clean, noise, metric, [[n] for n in nodes])  # (N, B)
+        shape = (clean.shape[0], model.config.n_layer) + ((-1,) if positions == "each" else ()) + (n_units(model, k),)
+        effects[k] = values.T.reshape(shape)  # (B, L, T, U)
     return PerPair(effects)
 
 
@@ -338,9 +343,9 @@ def verifications_needed(ranking, true_top):
 def verify_reference(model, clean, noise, metric, ranking, budget):
     """Verification: exact patching of the first `budget` nodes of `ranking`, one forward each. Removes
     false positives; never finds what it is not shown. Returns (nodes, effects (N, B)), c(n) = .mean(1)."""
+    check_ranking(ranking)
     nodes = check_nodes(model, clean.shape[1], ranking[:check_count(budget, "budget", 0, len(ranking))])
-    effects = [patch_nodes(model, clean, noise, metric, [n]) for n in nodes]  # (B,) each
-    return nodes, torch.stack(effects) if effects else torch.zeros(0, clean.shape[0])
+    return nodes, patch_node_sets_reference(model, clean, noise, metric, [[n] for n in nodes])  # (N, B)
 
 
 def subset_sampling_reference(model, clean, noise, metric, nodes, p, n_samples, seed=0):
@@ -349,8 +354,8 @@ def subset_sampling_reference(model, clean, noise, metric, nodes, p, n_samples, 
     y = mean over prompt pairs of metric(clean | do(subset <- noise)) - metric(clean)."""
     nodes = check_nodes(model, clean.shape[1], nodes)
     member = draw_subsets(n_samples, len(nodes), p, seed)  # (J, N)
-    y = [patch_nodes(model, clean, noise, metric, [n for n, m in zip(nodes, row) if m]).mean() for row in member]
-    return member, torch.stack(y)
+    subsets = [[n for n, m in zip(nodes, row) if m] for row in member]
+    return member, patch_node_sets_reference(model, clean, noise, metric, subsets).mean(1)  # (J,)
 
 
 def draw_subsets(n_samples, n_nodes, p, seed=0):
@@ -649,7 +654,8 @@ def _attribution(model, clean, noise, metric, kinds, qk_fix, positions, grad_dro
         raise RuntimeError("AtP needs gradients: call it outside torch.inference_mode()")
     L = model.config.n_layer
     units = grad_drop_units(model, grad_drop) if grad_drop else []
-    check_grad_drop_depth(len(units)) if grad_drop else None
+    if grad_drop:
+        check_grad_drop_depth(len(units))
     use_qk = qk_fix and any(k in ("q", "k") for k in kinds)
     names = [site(k, l) for k in kinds for l in range(L)]
     qk = [f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in "qk"] if use_qk else []
@@ -874,8 +880,8 @@ def check_metric_values(values, B, what, grad=False):
     return values
 
 
-def check_grad_drop_depth(n_units_):
-    if n_units_ < 2:
+def check_grad_drop_depth(number_of_units):
+    if number_of_units < 2:
         raise ValueError("GradDrop divides by the number of dropped units - 1 and needs a model with at least "
                          "2 layers")
 

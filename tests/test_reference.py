@@ -120,6 +120,16 @@ def test_fast_verify_and_subset_sampling_equal_their_references(random_setting):
     report(f"subset_sampling (30 joint patches of {len(rest)} nodes)", y, ref_y)
 
 
+def test_fast_node_set_patching_equals_one_forward_per_set(random_setting):
+    model, clean, noise, metric = random_setting
+    nodes = atp.all_nodes(model, "z", clean.shape[1]) + atp.all_nodes(model, "neuron", clean.shape[1])[:60]
+    member = atp.draw_subsets(12, len(nodes), 0.3, seed=5)  # (J, N)
+    fast = atp.patch_node_sets(model, clean, noise, metric, atp.node_masks(model, clean.shape[1], nodes, member))
+    sets = [[n for n, m in zip(nodes, row) if m] for row in member]
+    report("patch_node_sets (12 random sets of z and neurons)", fast,
+           atp.patch_node_sets_reference(model, clean, noise, metric, sets))
+
+
 def test_the_sublayer_unit_has_2L_terms_and_divides_by_2L_minus_1(random_setting):
     # A last-layer neuron: every other sub-layer write is upstream of it (its gradient unchanged, |AtP| each)
     # and its own MLP write gives 0, so the score is (2L - 1)|AtP| / (2L - 1) = |AtP|.
