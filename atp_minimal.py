@@ -239,7 +239,7 @@ def causal_scores(q, k, scale):
     q: (B, T, H, Dh); k: (B, S, G, Dh), G key-value heads."""
     k = per_query_head(k, q.shape[2])  # (B, S, H, Dh)
     T = q.shape[1]
-    scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale  # (B, H, T, Dh) @ (B, H, Dh, S) -> (B, H, T, S)
+    scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale  # (B, H, T, Dh) @ (B, H, Dh, S)
     return scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
 
 
@@ -272,7 +272,7 @@ def key_fix_reference(q_clean, k_clean, k_noise, G, scale):
 
 def atp_qk_fix_reference(model, clean, noise, metric, kinds=KINDS):
     """AtP with the QK fix: q and k nodes get query_fix and key_fix_reference, with G = dL/dpattern from
-    the clean backward pass and the model's own attention scale; other kinds keep AtP. kind -> (B, L, T, U)."""
+    the clean backward pass and the model's own attention scale; other kinds keep AtP. (B, L, T, U)."""
     kinds = check_inputs(model, clean, noise, kinds)
     others = [k for k in kinds if k not in ("q", "k")]
     estimates = dict(atp_estimates_reference(model, clean, noise, metric, others)) if others else {}
@@ -344,7 +344,7 @@ def grad_drop_scores_reference(model, clean, noise, metric, kinds=KINDS, unit="l
 def atp_star_reference(model, clean, noise, metric, kinds=KINDS, unit="layer"):
     """AtP*: GradDrop scores of the QK-fixed estimates. Per-pair scores >= 0, kind -> (B, L, T, U);
     c_hat(n) = scores[kind].mean(0)."""
-    return grad_drop_scores_reference(model, clean, noise, metric, kinds, unit, estimates=atp_qk_fix_reference)
+    return grad_drop_scores_reference(model, clean, noise, metric, kinds, unit, atp_qk_fix_reference)
 
 
 # --- rank, verify, and bound what is left (paper §3 Methods: the diagnostic; §5 Discussion)
@@ -460,8 +460,9 @@ def bound_result(verified, effects, rest, alpha, theta, c_ss=None, se=None, df=N
         bound, c_ss = (0.0, None, 0.0 if theta is not None else None), torch.zeros(0)
         se = df = c_ss
     theta_star, worst, p_value = bound
-    return dict(verified=verified, verified_effects=effects.mean(1), unverified=rest, theta=theta, alpha=alpha,
-                theta_star=theta_star, worst_node=None if worst is None else rest[worst], p_value=p_value,
+    return dict(verified=verified, verified_effects=effects.mean(1), unverified=rest, theta=theta,
+                alpha=alpha, theta_star=theta_star, worst_node=None if worst is None else rest[worst],
+                p_value=p_value,
                 c_ss=c_ss, se=se, df=df)
 
 
@@ -495,7 +496,8 @@ def activation_patching(model, clean, noise, metric, kinds=KINDS, positions="eac
         for k, l, pos, units in _progress(jobs, progress, "activation patching"):
             start = resume_position(model, 0 if pos is None else pos)
             hooks = {site(k, l): one_node_per_copy(noise_acts[site(k, l)], pos, units, start, B)}
-            logits = resume_patched(model, clean, clean_acts, clean_logits, l, start, len(units), hooks, metric)
+            logits = resume_patched(model, clean, clean_acts, clean_logits, l, start, len(units), hooks,
+                                    metric)  # (n*B, T, V)
             for i, unit in enumerate(units):
                 copy_i = logits[i * B:(i + 1) * B]  # (B, T, V): the clean prompts with node i patched
                 value = check_metric_values(metric(copy_i), B, f"a patched run ({k}, layer {l})")
@@ -604,7 +606,8 @@ def patch_node_sets(model, clean, noise, metric, masks, chunk_size=256, progress
             start = resume_position(model, pos)
             hooks = {site(k, l): masked_patch(m_l[ids], noise_acts[site(k, l)], start, B)
                      for (k, l), m_l in patched.items() if l >= layer and m_l[ids].any()}
-            logits = resume_patched(model, clean, clean_acts, clean_logits, layer, start, len(ids), hooks, metric)
+            logits = resume_patched(model, clean, clean_acts, clean_logits, layer, start, len(ids), hooks,
+                                    metric)  # (n*B, T, V)
             for i, j in enumerate(ids):
                 copy_i = logits[i * B:(i + 1) * B]  # (B, T, V): the clean prompts with set j patched
                 out[j] = check_metric_values(metric(copy_i), B, "a jointly patched run") - base
@@ -660,7 +663,8 @@ def patch_nodes(model, clean, noise, metric, nodes):
 
 def verify(model, clean, noise, metric, ranking, budget, chunk_size=256, progress=None):
     """verify_reference, fast: (nodes, effects (N, B)) for the first `budget` nodes of `ranking`."""
-    nodes = check_nodes(model, clean.shape[1], ranking[:check_count(budget, "budget", 0, len(check_ranking(ranking)))])
+    budget = check_count(budget, "budget", 0, len(check_ranking(ranking)))
+    nodes = check_nodes(model, clean.shape[1], ranking[:budget])
     if not nodes:
         return nodes, torch.zeros(0, clean.shape[0])
     masks = node_masks(model, clean.shape[1], nodes, torch.eye(len(nodes), dtype=torch.bool))  # set i: node i
@@ -738,10 +742,10 @@ def attribution(model, clean, noise, metric, kinds, qk_fix, positions, unit):
     with eval_mode(model):
         with torch.no_grad():  # forward 1: the noise run
             _, noise_acts = run_with_cache(model, noise, nodes + qk)
-        with torch.enable_grad():  # forward 2 and the backward: the clean run; the graph starts at resid_pre 0
+        with torch.enable_grad():  # forward 2 and the backward: the clean run, its graph from resid_pre 0
             start = {"blocks.0.hook_resid_pre": lambda t: t.detach().requires_grad_(True)}
-            logits, clean_acts = run_with_cache(model, clean, nodes + qk + patterns + resid_pre + resid_post + writes,
-                                                start)
+            cached = nodes + qk + patterns + resid_pre + resid_post + writes
+            logits, clean_acts = run_with_cache(model, clean, cached, start)
             values = check_metric(metric, logits, clean.shape[0], grad=True)
             wrt = nodes + patterns + resid_post + writes
             grads = dict(zip(wrt, torch.autograd.grad(values.sum(), [clean_acts[n] for n in wrt],
@@ -766,7 +770,8 @@ def grad_drop_layers(estimate, plain, grads, clean_acts, needs, L):
             total[k][:, m] = v[:, m].abs() * m
     for l in range(1, L):
         below = [name for m in range(l) for name in needs[m]]  # the sites of layers < l
-        dropped = torch.autograd.grad(clean_acts[f"blocks.{l}.hook_resid_pre"], [clean_acts[n] for n in below],
+        dropped = torch.autograd.grad(clean_acts[f"blocks.{l}.hook_resid_pre"],
+                                      [clean_acts[n] for n in below],
                                       grad_outputs=grads[f"blocks.{l}.hook_resid_post"], retain_graph=True,
                                       allow_unused=True)
         est = estimate(dict(zip(below, dropped)), layers=range(l))
@@ -828,7 +833,7 @@ class Estimator:
 
     def qk_estimate(self, kind, layer, G):
         p, scale = f"blocks.{layer}.attn.", self.model.attention_scale(layer)
-        q, k = (self.clean[p + x].to(self.dtype) for x in ("hook_q", "hook_k"))  # (B, T, H, Dh), (B, S, G, Dh)
+        q, k = (self.clean[p + x].to(self.dtype) for x in ("hook_q", "hook_k"))  # (B,T,H,Dh), (B,S,G,Dh)
         if kind == "q":
             est = query_fix(q, self.noise[p + "hook_q"].to(self.dtype), k, G, scale)  # (B, T, H)
             return est.sum(1) if self.positions == "all" else est
@@ -842,8 +847,8 @@ def key_fix(q_clean, k_clean, k_noise, G, scale):
     """key_fix_reference in O(T^2) per head. Moving only logit s of row t by d_ts = q_t . (k_s(noise) -
     k_s(clean)) * scale sets that key's probability to a~_ts = sigmoid(logit(a_ts) + d_ts) and rescales the
     rest of the row by (1 - a~_ts) / (1 - a_ts), so
-        dI_t(k_s) = (a~_ts - a_ts) * (G_ts - G_bar_t,-s),   G_bar_t,-s = sum_{s' != s} a_ts' G_ts' / (1 - a_ts).
-    Computed in log space, without clamping: a key with a = 1e-20 can still become dominant. Returns (B, S, G)."""
+        dI_t(k_s) = (a~_ts - a_ts) * (G_ts - G_bar_t,-s),  G_bar_t,-s = sum_{s' != s} a_ts' G_ts' / (1 - a_ts)
+    Computed in log space, without clamping: a key with a = 1e-20 can still become dominant. (B, S, G)."""
     B, H, G_kv = q_clean.shape[0], q_clean.shape[2], k_clean.shape[2]
     scores = causal_scores(q_clean, k_clean, scale)  # (B, H, T, S)
     masked = torch.isinf(scores)  # keys a query cannot see
@@ -915,7 +920,8 @@ def false_negative_bound(model, clean, noise, metric, ranking, K, p=0.1, n_sampl
         return bound_result(verified, effects, rest, alpha, theta)
     member, y = subset_sampling(model, clean, noise, metric, rest, p, n_samples, seed, chunk_size, progress)
     c_ss, se, df = subset_statistics(member, y)
-    return bound_result(verified, effects, rest, alpha, theta, c_ss, se, df, welch_bound(c_ss, se, df, alpha, theta))
+    bound = welch_bound(c_ss, se, df, alpha, theta)  # (theta*, index of the worst node, p-value)
+    return bound_result(verified, effects, rest, alpha, theta, c_ss, se, df, bound)
 
 
 # ==================================================================================================
@@ -940,7 +946,8 @@ def check_inputs(model, clean, noise, kinds, positions="each"):
                if not isinstance(getattr(cfg, f, None), numbers.Integral)]
     missing += [m for m in ("attention_scale", "parameters") if not callable(getattr(model, m, None))]
     if missing:
-        raise TypeError(f"the model lacks {', '.join(missing)}: see 'The model protocol' at the top of atp_minimal.py")
+        raise TypeError(f"the model lacks {', '.join(missing)}: see 'The model protocol' at the top of "
+                        "atp_minimal.py")
     if cfg.n_head % n_kv_heads(model):
         raise ValueError(f"n_head = {cfg.n_head} is not a multiple of n_kv_head = {n_kv_heads(model)}")
     device = next(model.parameters()).device
@@ -985,7 +992,8 @@ def check_metric(metric, logits, B, grad=False):
     alone, it does."""
     values = check_metric_values(metric(logits), B, "the clean run", grad)
     with torch.no_grad():
-        ramp = torch.linspace(0.5, 1.0, logits.shape[-1], dtype=logits.dtype, device=logits.device) ** 2  # (V,)
+        V = logits.shape[-1]
+        ramp = torch.linspace(0.5, 1.0, V, dtype=logits.dtype, device=logits.device) ** 2  # (V,), none 0
         far = lambda moved_values: ((moved_values - values).abs() > 1e-5 * (1.0 + values.abs()))  # (B,)
         for row in sorted({0, B - 1}) if B > 1 else []:
             moved = logits.clone()
@@ -993,12 +1001,14 @@ def check_metric(metric, logits, B, grad=False):
             others = far(metric(moved))
             others[row] = False
             if others.any():
-                raise ValueError(f"the metric is not row-wise: changing prompt pair {row}'s logits changed other "
-                                 "pairs' values (e.g. x - x.mean()); value b must depend on row b alone")
+                raise ValueError(f"the metric is not row-wise: changing prompt pair {row}'s logits changed "
+                                 "other pairs' values (e.g. x - x.mean()); value b must depend on row b "
+                                 "alone")
         if reads_last_position_only(metric) and logits.shape[1] > 1:
             if far(metric(torch.cat([logits[:, :-1] + ramp, logits[:, -1:]], 1))).any():
                 raise ValueError("the metric says it reads the last position only (position = -1 or "
-                                 "last_position_only = True) but reads other positions; read logits[:, -1] only")
+                                 "last_position_only = True) but reads other positions; read logits[:, -1] "
+                                 "only")
     return values
 
 
@@ -1007,7 +1017,8 @@ def check_metric_values(values, B, what, grad=False):
         got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(f"metric must return one value per prompt pair, shape ({B},); got {got} on {what}")
     if not values.is_floating_point():
-        raise TypeError(f"metric must return floating-point values (AtP differentiates it); got {values.dtype}")
+        raise TypeError(f"metric must return floating-point values (AtP differentiates it); got "
+                        f"{values.dtype}")
     if grad and not values.requires_grad:
         raise ValueError("the metric's value does not depend differentiably on the logits (detached, argmax, "
                          "comparisons?): AtP needs its gradient")
@@ -1018,8 +1029,8 @@ def check_metric_values(values, B, what, grad=False):
 
 def check_grad_drop_depth(number_of_units):
     if number_of_units < 2:
-        raise ValueError("GradDrop divides by the number of dropped units - 1 and needs a model with at least "
-                         "2 layers")
+        raise ValueError("GradDrop divides by the number of dropped units - 1 and needs a model with at "
+                         "least 2 layers")
 
 
 def check_count(value, name, low, high=None):
@@ -1027,7 +1038,7 @@ def check_count(value, name, low, high=None):
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
-        limit = f"between {low} and the number of nodes given ({high})" if high is not None else f"at least {low}"
+        limit = f"at least {low}" if high is None else f"between {low} and the number of nodes given ({high})"
         raise ValueError(f"{name} must be {limit}; got {value}")
     return int(value)
 
@@ -1040,15 +1051,17 @@ def check_alpha(alpha):
 def check_scores(scores):
     average = "average over the pairs first, e.g. {k: s.mean(0) for k, s in scores.items()}"
     if isinstance(scores, PerPair) or not isinstance(scores, dict) or not scores:
+        per_pair = "it got per-pair results (B, ...): " if isinstance(scores, PerPair) else ""
         raise ValueError("rank_nodes needs one value per node, a non-empty dict kind -> (L, T, U) or (L, U); "
-                         + ("it got per-pair results (B, ...): " if isinstance(scores, PerPair) else "") + average)
+                         + per_pair + average)
     for k, s in scores.items():
         if k not in KINDS or not isinstance(s, torch.Tensor) or s.dim() not in (2, 3):
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
             raise ValueError(f"rank_nodes needs one value per node, kind -> (L, T, U) or (L, U), kinds from "
                              f"{KINDS}; got {k!r}: {got}. Per-pair scores (B, L, T, U): {average}")
         if not torch.isfinite(s).all():
-            raise ValueError(f"scores for {k!r} hold {int((~torch.isfinite(s)).sum())} NaN or infinite values")
+            raise ValueError(f"scores for {k!r} hold {int((~torch.isfinite(s)).sum())} NaN or infinite "
+                             "values")
 
 
 def check_ranking(ranking):
@@ -1063,10 +1076,12 @@ def check_nodes(model, T, nodes):
     for node in nodes:
         ok = len(node) in (3, 4) and node[0] in KINDS and len(node) == len(nodes[0]) and all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in node[1:])
-        limits = (model.config.n_layer,) + ((T,) if len(node) == 4 else ()) + (n_units(model, node[0]) if ok else 0,)
+        units = n_units(model, node[0]) if ok else 0
+        limits = (model.config.n_layer,) + ((T,) if len(node) == 4 else ()) + (units,)
         if not ok or not all(0 <= i < n for i, n in zip(node[1:], limits)):
-            raise ValueError(f"bad node {node}: nodes are (kind, layer, pos, unit) or (kind, layer, unit), all of "
-                             f"one form, integer indices below (layer, pos, unit) = {limits}, kind from {KINDS}")
+            raise ValueError(f"bad node {node}: nodes are (kind, layer, pos, unit) or (kind, layer, unit), "
+                             f"all of one form, integer indices below (layer, pos, unit) = {limits}, kind"
+                             f" from {KINDS}")
     if len(set(nodes)) != len(nodes):
         raise ValueError(f"node {next(n for n in nodes if nodes.count(n) > 1)} is listed more than once")
     return nodes
@@ -1098,8 +1113,8 @@ def fit_ids(ids, logits, name):
     """Token ids (one, or one per prompt pair) -> (B,) on the logits' device, checked against (B, V)."""
     B, V = logits.shape
     if ids.numel() not in (1, B) or (ids.numel() and ids.max() >= V):
-        raise ValueError(f"{name}: need one token id or one per prompt pair ({B}), each below the vocabulary size "
-                         f"{V}; got {ids.tolist()}")
+        raise ValueError(f"{name}: need one token id or one per prompt pair ({B}), each below the vocabulary "
+                         f"size {V}; got {ids.tolist()}")
     return ids.to(logits.device).reshape(-1).expand(B)
 
 
