@@ -155,16 +155,21 @@ def neg_log_prob(target, position=-1):
 def patch_hooks(nodes, noise_acts):
     """Hooks that overwrite each node with its cached noise value: node (kind, layer, pos, unit) is
     t[:, pos, unit] at its site; (kind, layer, unit) is t[:, :, unit], the unit at every position."""
-    hooks = {}
-    for name in {site(n[0], n[1]) for n in nodes}:
-        def patch(t, here=[n for n in nodes if site(n[0], n[1]) == name], new=noise_acts[name]):
-            t = t.clone()
-            for node in here:
-                where = (slice(None), node[2] if len(node) == 4 else slice(None), node[-1])
-                t[where] = new[where]
-            return t
-        hooks[name] = patch
-    return hooks
+    at_site = {}  # site name -> the nodes there
+    for node in nodes:
+        at_site.setdefault(site(node[0], node[1]), []).append(node)
+    return {name: overwrite(here, noise_acts[name]) for name, here in at_site.items()}
+
+
+def overwrite(nodes, new):
+    """A hook returning its tensor with every node's entries taken from `new`, the site's noise value."""
+    def patch(t):  # (B, T, U, Dh) or (B, T, M)
+        t = t.clone()
+        for node in nodes:
+            where = (slice(None), node[2], node[3]) if len(node) == 4 else (slice(None), slice(None), node[2])
+            t[where] = new[where]
+        return t
+    return patch
 
 
 def patch_node_sets_reference(model, clean, noise, metric, node_sets):
@@ -679,6 +684,17 @@ def subset_sampling(model, clean, noise, metric, nodes, p, n_samples, seed=0, ch
     return member, patch_node_sets(model, clean, noise, metric, masks, chunk_size, progress).mean(1)
 
 
+@contextmanager
+def eval_mode(model):
+    """Run in eval mode (no dropout anywhere), then restore the caller's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _progress(items, progress, desc):
     """A tqdm bar on long sweeps (progress=None: only when there are many steps)."""
     if not (progress if progress is not None else len(items) > 50):
@@ -928,17 +944,6 @@ def false_negative_bound(model, clean, noise, metric, ranking, K, p=0.1, n_sampl
 # Part III: input checks (a clear error instead of a silently wrong number), Student's t
 # ==================================================================================================
 
-@contextmanager
-def eval_mode(model):
-    """Run in eval mode (no dropout anywhere), then restore the caller's mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def check_inputs(model, clean, noise, kinds, positions="each"):
     """Check the model protocol, the token tensors and the node kinds; returns kinds as a tuple."""
     cfg = getattr(model, "config", None)
@@ -970,11 +975,11 @@ def check_inputs(model, clean, noise, kinds, positions="each"):
                              f"max {int(x.max())}")
     if isinstance(kinds, str) or not hasattr(kinds, "__iter__"):
         raise TypeError(f"kinds must be a collection of node kinds, e.g. ('q', 'k'); got {kinds!r}")
-    if isinstance(kinds, (set, frozenset)):  # a set has no order: take KINDS's
-        kinds = [k for k in KINDS if k in kinds] + sorted(str(k) for k in kinds if k not in KINDS)
-    kinds = tuple(kinds)
-    if not kinds or len(set(kinds)) != len(kinds) or any(k not in KINDS for k in kinds):
-        raise ValueError(f"kinds must name each node kind once, from {KINDS}; got {kinds}")
+    unknown = [k for k in kinds if k not in KINDS]
+    kinds = tuple(k for k in KINDS if k in kinds) if isinstance(kinds, (set, frozenset)) else tuple(kinds)
+    if unknown or not kinds or len(set(kinds)) != len(kinds):
+        raise ValueError(f"kinds must name each node kind once, from {KINDS}; got {kinds}"
+                         + (f", unknown: {unknown}" if unknown else ""))
     if positions not in ("each", "all"):
         raise ValueError(f"positions must be 'each' (a node per position) or 'all', got {positions!r}")
     return kinds
