@@ -4,8 +4,11 @@ import sys
 import pytest
 import torch
 
-# Tests import the project's modules from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Tests import the project's modules from the repository root, and the experiment scripts
+# (compare_methods, depth_study) from experiments/.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+sys.path.insert(0, ROOT)
 
 # Torch threads for the whole run. The default, 1, suits the tiny test models (extra threads only add
 # overhead, and stall on a busy machine); ATP_TEST_THREADS=2 runs everything on 2 threads instead, to

@@ -1,5 +1,5 @@
 """
-Checks on depth_study.py's own parts: the cost charged for per-sub-layer GradDrop (compare_methods.atp_cost), the grid that makes its
+Checks on experiments/depth_study.py's own parts: the cost charged for per-sub-layer GradDrop (compare_methods.atp_cost), the grid that makes its
 rankings the same on every CPU, and the accuracy floor for its models. (The estimators it scores are atp_minimal's, tested in
 tests/test_atp.py and tests/test_reference.py.) `pytest -s tests/test_depth_study.py`.
 """

@@ -9,7 +9,7 @@ hurt at small depth, measured.
 The models: the toy IOI task of toy_ioi.py, one recipe at every depth (d_model 64, 4 heads, AdamW lr
 1e-3, batch 128, 1200 steps), L = 2, 4, 8 and 12 layers, two training seeds per depth that reach 95%
 held-out accuracy (a model below that is not used, and the next seed is tried; at L = 2 only one of
-six seeds gets there). The checkpoints ship in depth_models/L{L}_seed{s}/ with their accuracy and
+six seeds gets there). The checkpoints ship in experiments/depth_models/L{L}_seed{s}/ with their accuracy and
 training time in training.json, so the study is the same on every machine; --retrain trains them
 again (same recipe and seeds; float32 training is deterministic on one machine, not bit-identical
 across CPUs).
@@ -20,9 +20,9 @@ the node's effect: its score shrinks by about (number of such layers)/(L-1). A l
 its direct path and barely shrinks (so do earlier keys and values, which the last position's query
 reads in their own layer). The study measures GradDrop score / |AtP+QK estimate| per node.
 
-    python depth_study.py              # the shipped models: results/depth_study.{md,csv,png}
-    python depth_study.py --retrain    # train the models first (~40 min on a busy 2-core machine)
-    python depth_study.py --quick      # smoke run (2 pairs, one model per depth), written to out/
+    python experiments/depth_study.py            # the shipped models: experiments/results/depth_study.*
+    python experiments/depth_study.py --retrain  # train the models first (~40 min on a busy 2-core machine)
+    python experiments/depth_study.py --quick    # smoke run (2 pairs, one model per depth), written to out/
 
 Dimension legend: B prompt pairs, L layers, T positions, U units of a site (heads or neurons),
 N nodes of a family, n candidate nodes (those the noise prompt moves), X counted nodes.
@@ -38,12 +38,14 @@ import time
 
 import torch
 
-import atp_minimal as atp
-import compare_methods as cm
-import toy_ioi
-from model import GPTConfig
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/: depth_models/ and results/ are here
+ROOT = os.path.dirname(HERE)  # the repository root: atp_minimal.py, model.py, toy_ioi.py, and out/
+sys.path.insert(0, ROOT)
+import atp_minimal as atp  # noqa: E402
+import compare_methods as cm  # noqa: E402
+import toy_ioi  # noqa: E402
+from model import GPTConfig  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS_DIR = os.path.join(HERE, "depth_models")
 
 # --- the models: one recipe, four depths, two seeds
@@ -424,7 +426,7 @@ def plot(path, rows, summary, depths):
 
 
 def markdown_report(command, elapsed, args, records, rows, mech_lines, figure):
-    """The report, results/depth_study.md: the models, the tables, the verdicts and the figure."""
+    """The report, experiments/results/depth_study.md: the models, the tables, the verdicts and the figure."""
     md = ["# GradDrop against depth (toy IOI models)", "",
           f"`{command}`: {elapsed:.0f} s wall clock, 1 torch thread"
           + (" (training included)." if args.retrain else " (from the checkpoints in depth_models/).")
@@ -476,12 +478,13 @@ def write_csv(path, rows, keys):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="GradDrop against depth: AtP, AtP+QK fix, AtP* and AtP* with "
                                      "per-sub-layer GradDrop on toy IOI models of 2-12 layers.")
-    parser.add_argument("--retrain", action="store_true", help="train every model again (overwrites depth_models/)")
+    parser.add_argument("--retrain", action="store_true", help="train every model again (overwrites "
+                        "experiments/depth_models/)")
     parser.add_argument("--pairs", type=int, default=6, help="prompt pairs: each alone, then all as one distribution")
     parser.add_argument("--no-distribution", action="store_true", help="single prompt pairs only")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 pairs, one model per depth, no distribution")
-    parser.add_argument("--out", default=None, help="output directory (default: results/ for the default "
-                        "run, out/ for any other)")
+    parser.add_argument("--out", default=None, help="output directory (default: experiments/results/ for the "
+                        "default run, out/ for any other)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small matrices: one thread is as fast, and stays fast on a busy machine
     n_used = 1 if args.quick else SEEDS_USED
@@ -492,7 +495,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - began
 
     default_run = not (args.quick or args.no_distribution or args.pairs != 6)
-    args.out = args.out or os.path.join(HERE, "results" if default_run else "out")
+    args.out = args.out or (os.path.join(HERE, "results") if default_run else os.path.join(ROOT, "out"))
     stem = os.path.join(args.out, "depth_study")
     os.makedirs(args.out, exist_ok=True)
     mech_lines, summary = mechanism_table(ratios, DEPTHS)
@@ -502,7 +505,7 @@ def main(argv=None):
               ["L", "family", "position", "nodes", "median_ratio_layer", "median_ratio_sublayer"])
     write_csv(stem + ".csv", rows, ["L", "seed", "where", "pair", "family", "method", "own_cost", "X",
                                     "rel_cost", "rel_cost_no_c", "top10"])
-    command = "python depth_study.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    command = "python experiments/depth_study.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     md = markdown_report(command, elapsed, args, records, rows, mech_lines, plotted and os.path.basename(stem))
     with open(stem + ".md", "w") as f:
         f.write("\n".join(md))

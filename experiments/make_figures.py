@@ -1,13 +1,14 @@
 """
-The figures of tutorial.md, from the shipped toy IOI model (toy_model/) and 4 held-out prompt pairs:
+The figures of tutorial.md, from the shipped toy IOI model (toy_model/) and 4 held-out prompt pairs,
+written to experiments/figures/:
 
-  figures/saturated_head.png         layer 0 head 3 at the subject position: a saturated attention row that
-                                     AtP reads as "no effect", and the row the noise query produces
-  figures/atp_vs_exact.png           |estimate| against |c(n)| for every attention node: AtP, AtP+QK fix, AtP*
-  figures/cost_of_verified_recall.png  forward passes until the true top-x attention nodes are all verified,
-                                     for AtP, AtP+QK fix, AtP+GradDrop and AtP* (paper §4 Experiments)
+  saturated_head.png           layer 0 head 3 at the subject position: a saturated attention row that
+                               AtP reads as "no effect", and the row the noise query produces
+  atp_vs_exact.png             |estimate| against |c(n)| for every attention node: AtP, AtP+QK fix, AtP*
+  cost_of_verified_recall.png  forward passes until the true top-x attention nodes are all verified,
+                               for AtP, AtP+QK fix, AtP+GradDrop and AtP* (paper §4 Experiments)
 
-    python make_figures.py           # about 10 s on one CPU core; needs matplotlib
+    python experiments/make_figures.py   # about 10 s on one CPU core; needs matplotlib
 
 Everything is computed in float64 (the checkpoint is float32; `.double()` after loading), so no point,
 rank or curve depends on the CPU's float32 rounding, and no title carries a count that could. The same code,
@@ -15,6 +16,7 @@ checkpoint and matplotlib give the same PNG files (no version string in their me
 """
 
 import os
+import sys
 
 import matplotlib
 
@@ -22,11 +24,13 @@ matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
+ROOT = os.path.dirname(HERE)  # the repository root: atp_minimal.py, model.py, toy_ioi.py
+sys.path.insert(0, ROOT)
 import atp_minimal as atp  # noqa: E402
 import compare_methods  # noqa: E402
 import toy_ioi  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "figures")
 ATTN = ("q", "k", "v", "z")
 MISSED = ("q", 0, 10, 3)  # the node the tutorial's §4 follows: query of layer 0, head 3, at the subject
@@ -38,7 +42,7 @@ def save(fig, name):
     path = os.path.join(OUT, name)
     fig.savefig(path, dpi=80, metadata={"Software": None})  # no version string: byte-stable across runs
     plt.close(fig)
-    print(f"wrote {os.path.relpath(path, HERE)} ({os.path.getsize(path) / 1000:.0f} kB)")
+    print(f"wrote {os.path.relpath(path, ROOT)} ({os.path.getsize(path) / 1000:.0f} kB)")
 
 
 # --- the data: exact effects and the four estimates for the attention nodes

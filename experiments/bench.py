@@ -13,10 +13,12 @@ The noise prompt differs from the clean one at positions T/2, 3T/4 and T-2 (so, 
 every node at positions >= T/2 moves). Metric: atp_minimal.logit_diff at the last position.
 With CUDA, the same table is also made on the GPU: bf16 model, larger B and T, float32 estimates.
 
-    python bench.py                 # a few minutes on 2 CPU cores; writes results/bench_cpu.md
-    python bench.py --quick         # about a minute: fewer nodes and repeats, some values extrapolated;
-                                    # writes out/bench_cpu.md (never the shipped results/)
-    python bench.py --out FILE.md   # write the CPU table elsewhere (the GPU one goes to --gpu-out)
+    python experiments/bench.py                # a few minutes on 2 CPU cores; writes experiments/results/bench_cpu.md
+    python experiments/bench.py --quick        # about a minute: fewer nodes and repeats, some values extrapolated;
+                                               # writes out/bench_cpu.md (never the shipped experiments/results/)
+    python experiments/bench.py --out FILE.md  # write the CPU table elsewhere (the GPU one goes to --gpu-out)
+    python experiments/bench.py --tl-adapter   # exact patching: tl_adapter against transformer_lens.patching;
+                                               # writes experiments/results/bench_tl_adapter.md
 
 Threads: by default as many torch threads as there are cores not already busy (cores minus the 1-minute
 load average, at least 1). More threads than free cores makes each parallel op wait at its barrier for
@@ -55,8 +57,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/: the shipped tables go to results/ here
+ROOT = os.path.dirname(HERE)  # the repository root: atp_minimal.py, model.py, and out/ for scratch runs
+sys.path.insert(0, ROOT)
 import atp_minimal as atp  # noqa: E402
 import model as gpt  # noqa: E402
 
@@ -429,7 +432,7 @@ def source_digest() -> str:
     import hashlib
     h = hashlib.sha256()
     for name in ("atp_minimal.py", "model.py"):
-        with open(os.path.join(HERE, name), "rb") as f:
+        with open(os.path.join(ROOT, name), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:12]
 
@@ -781,11 +784,12 @@ def write_report(lines, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute on 2 idle CPU cores")
-    parser.add_argument("--out", default=None, help="CPU table (markdown); default results/bench_cpu.md, "
-                        "or out/bench_cpu.md with --quick (a quick run never overwrites the shipped table)")
+    parser.add_argument("--out", default=None, help="CPU table (markdown); default "
+                        "experiments/results/bench_cpu.md, or out/bench_cpu.md with --quick (a quick run never "
+                        "overwrites the shipped table)")
     parser.add_argument("--gpu-out", default=None,
-                        help="GPU table (markdown), written when CUDA is available; default results/bench_gpu.md, "
-                        "or out/bench_gpu.md with --quick")
+                        help="GPU table (markdown), written when CUDA is available; default "
+                        "experiments/results/bench_gpu.md, or out/bench_gpu.md with --quick")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the CPU table, and the GPU table too when CUDA is available")
     parser.add_argument("--threads", type=int, default=None,
@@ -797,7 +801,7 @@ def main(argv=None):
     parser.add_argument("--memory-child", nargs=6, metavar=("L", "T", "B", "SEED", "THREADS", "ATP"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    folder = os.path.join(HERE, "out" if args.quick else "results")
+    folder = os.path.join(ROOT, "out") if args.quick else os.path.join(HERE, "results")
     args.out = args.out or os.path.join(folder, "bench_cpu.md")
     args.gpu_out = args.gpu_out or os.path.join(folder, "bench_gpu.md")
     if args.memory_child:
@@ -819,7 +823,7 @@ def main(argv=None):
     for settings, path in jobs:
         print(f"== {settings.device}: B={settings.B}, T={settings.T}, {settings.dtype}", flush=True)
         lines = ["# AtP* benchmark: cost in forward passes", "",
-                 f"`python bench.py{' --quick' if args.quick else ''}"
+                 f"`python experiments/bench.py{' --quick' if args.quick else ''}"
                  f"{f' --threads {args.threads}' if args.threads else ''}`. F = one forward pass (no grad) of the "
                  "B clean prompts, timed around every repeat of every row; each ratio is a method's time over "
                  "the mean of the two F timings around it.", ""] + run_table(settings, threads, threads_why)
@@ -878,7 +882,7 @@ def bench_tl_adapter(T=16, sample=24, seed=0, threads=1, out=os.path.join(HERE, 
         total_ours, total_theirs = total_ours + ours_s, total_theirs + theirs_s
         print(rows[-1], flush=True)
     lines = ["# Exact patching on a TransformerLens model: tl_adapter vs transformer_lens.patching", "",
-             f"`python bench.py --tl-adapter`: random GPT-2-small-shaped HookedTransformer (12 layers, 12 heads, "
+             f"`python experiments/bench.py --tl-adapter`: random GPT-2-small-shaped HookedTransformer (12 layers, 12 heads, "
              f"d_model 768, vocab 50257), float32, CPU, {threads} thread(s), transformer-lens "
              f"{tl_adapter.version('transformer-lens')}, torch {torch.__version__}. One prompt pair, T = {T}, noise "
              f"differs at positions 0 and {T // 2}; metric: logit difference at the last position. Ours: every node "
@@ -892,7 +896,7 @@ def bench_tl_adapter(T=16, sample=24, seed=0, threads=1, out=os.path.join(HERE, 
 
 
 if __name__ == "__main__":
-    if "--tl-adapter" in sys.argv[1:]:  # python bench.py --tl-adapter [--tl-seq T] [--threads N]
+    if "--tl-adapter" in sys.argv[1:]:  # python experiments/bench.py --tl-adapter [--tl-seq T] [--threads N]
         extra = argparse.ArgumentParser(description="exact patching: tl_adapter vs transformer_lens.patching")
         extra.add_argument("--tl-adapter", action="store_true")
         extra.add_argument("--tl-seq", type=int, default=16, help="prompt length T")

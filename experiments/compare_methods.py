@@ -12,9 +12,11 @@ patches nodes one at a time in that order (paper §2 Background). cost(x) = C + 
 true top-x nodes by |c(n)| are all verified (paper §4 Experiments). The oracle verifies in the true order: cost(x) = x.
 x runs over the nodes that count: |c(n)| >= COUNTED (1e-3) times the largest |c(n)| of the family.
 
-    python compare_methods.py            # toy IOI model, float64: tables, CSV and plots in results/
-    python compare_methods.py --quick    # smoke run, written to out/ (as is every non-default run)
-    python compare_methods.py --model DIR --device cuda --dtype float32   # a Hugging Face GPT-2 directory
+    python experiments/compare_methods.py          # toy IOI model, float64: tables, CSV and plots
+                                                   # in experiments/results/
+    python experiments/compare_methods.py --quick  # smoke run, written to out/ (as is every non-default run)
+    python experiments/compare_methods.py --model DIR --device cuda --dtype float32
+                                                   # a Hugging Face GPT-2 directory
 
 Dimension legend: B prompt pairs, L layers, T positions, U units of a site (heads or neurons),
 N nodes of a family, n candidate nodes (those a patch can change), S sets, X nodes that count (true_top).
@@ -31,7 +33,10 @@ from typing import Callable, Optional
 
 import torch
 
-import atp_minimal as atp
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
+ROOT = os.path.dirname(HERE)  # the repository root: atp_minimal.py, model.py, toy_ioi.py
+sys.path.insert(0, ROOT)
+import atp_minimal as atp  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # --- cost accounting: forward-pass equivalents PER PROMPT PAIR
@@ -679,8 +684,9 @@ def markdown_report(title, command, cfg, rows, wheres, families, claim_lines, el
 # --------------------------------------------------------------------------------------------------
 # --- main
 
-SHIPPED = "results"  # the committed results: written only by the default run (see results/README.md)
-SCRATCH = "out"  # every other run writes here unless --out says otherwise (git-ignored)
+# The committed results: written only by the default run (see experiments/results/README.md).
+SHIPPED = os.path.join(HERE, "results")
+SCRATCH = os.path.join(ROOT, "out")  # every other run writes here unless --out says otherwise (git-ignored)
 
 
 def parse_args(argv):
@@ -696,9 +702,9 @@ def parse_args(argv):
     parser.add_argument("--dist-pairs", type=int, default=8,
                         help="prompt pairs of the distribution setting (0: skip it)")
     parser.add_argument("--no-sweep", action="store_true", help="baselines at their default settings only")
-    parser.add_argument("--out", default=None, help=f"output directory (default: {SHIPPED}/ for the default "
-                        f"run on the toy model, which is what {SHIPPED}/ ships; {SCRATCH}/ for any other run, "
-                        f"which may not write to {SHIPPED}/)")
+    parser.add_argument("--out", default=None, help="output directory (default: experiments/results/ for the "
+                        "default run on the toy model, which is what experiments/results/ ships; out/ for any "
+                        "other run, which may not write to experiments/results/)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the many small "
                         "patched forwards gain little from more, and more threads slow down badly on a busy machine)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 pairs, 1 seed, no distribution, no sweep")
@@ -710,8 +716,9 @@ def parse_args(argv):
                       ("model", "device", "dtype", "pairs", "seeds", "dist_pairs", "no_sweep"))
     if args.out is None:
         args.out = SHIPPED if shipped_run else SCRATCH
-    elif os.path.normpath(args.out) == SHIPPED and not shipped_run:
-        parser.error(f"{SHIPPED}/ holds the results of the default run; write this one elsewhere (--out DIR)")
+    elif os.path.abspath(args.out) == SHIPPED and not shipped_run:
+        parser.error("experiments/results/ holds the results of the default run; write this one elsewhere "
+                     "(--out DIR)")
     return args
 
 
@@ -720,7 +727,8 @@ def load(args):
     if args.model is None:
         import toy_ioi
         if not os.path.isdir(toy_ioi.TOY_MODEL_DIR):
-            raise SystemExit(f"{toy_ioi.TOY_MODEL_DIR} not found: run `python toy_ioi.py` to train it")
+            raise SystemExit(f"{toy_ioi.TOY_MODEL_DIR} not found: run `python toy_ioi.py --out toy_model` to "
+                             "train it")
         model = toy_ioi.load_toy_model()
         make = lambda n, seed: toy_ioi.make_pairs(n, split="test", seed=seed)
         label, stem = "toy IOI model (toy_model/)", "compare_toy"
@@ -763,7 +771,7 @@ def write_outputs(args, stem, label, cfg, rows, curves, wheres, claim_lines, ela
     if not all([plot_curves(path, curves, fam, wheres) for path, fam in zip(plots, FAMILIES)]):
         print("matplotlib is not installed: skipped the plots")
         plots = []
-    command = "python compare_methods.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    command = "python experiments/compare_methods.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(markdown_report(label, command, cfg, rows, wheres, FAMILIES, claim_lines, elapsed, plots,
                                 args.dist_pairs, args.dtype))
