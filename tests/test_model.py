@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, get_tokenizer  # noqa: E402
+from helpers import max_diff
+from model import GPT, get_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,10 +43,6 @@ def make_hf(directory, seed=0, **shape):
 def tokens(vocab_size, B=3, T=None, n_positions=16, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (B, T or n_positions), generator=g)  # (B, T)
-
-
-def max_diff(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def cache_all(model, idx, extra=None):

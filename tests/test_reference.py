@@ -13,21 +13,9 @@ import torch
 
 import atp_minimal as atp
 import toy_ioi
-from model import GPT, GPTConfig
+from helpers import max_diff, random_gpt
 
 TWIN_TOL = 1e-12
-
-
-def random_gpt(seed, n_layer=3, n_head=2, n_embd=16, vocab_size=20, n_positions=8, n_inner=24):
-    """A float64 GPT-2 with every weight re-drawn large, so attention saturates and effects are far from 0."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                          n_positions=n_positions, n_inner=n_inner)).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-                    else 0.3 * torch.randn_like(p) if p.dim() == 1 else 0.6 * torch.randn_like(p))
-    return model.eval()
 
 
 def random_pairs(model, B=2, T=5, seed=0):
@@ -39,19 +27,13 @@ def random_pairs(model, B=2, T=5, seed=0):
     return clean, noise
 
 
-def max_diff(a, b):
-    if isinstance(a, dict):
-        return max((a[k] - b[k]).abs().max().item() for k in a)
-    return (a - b).abs().max().item()
-
-
 def largest(a):
     return max(v.abs().max().item() for v in a.values()) if isinstance(a, dict) else a.abs().max().item()
 
 
 @pytest.fixture(scope="module")
 def random_setting():
-    model = random_gpt(0)
+    model = random_gpt(0, n_layer=3, std=0.6, embedding_std=0.6)  # every matrix at std 0.6, embeddings too
     clean, noise = random_pairs(model, B=2, T=5, seed=1)
     return model, clean, noise, atp.neg_log_prob(torch.tensor([3, 4]))
 
