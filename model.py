@@ -201,7 +201,9 @@ class GPT(nn.Module):
         ))
         nn.init.normal_(self.transformer.wte.weight, std=0.02)
         nn.init.normal_(self.transformer.wpe.weight, std=0.01)
-        self.eval()  # this code never trains, and GPT-2 has no dropout here to switch off anyway
+        # model.py is forward-only: it has no training loop and no dropout, so train and eval mode compute
+        # the same. (toy_ioi.py trains a GPT through this forward pass with autograd.)
+        self.eval()
 
     def site_names(self) -> List[str]:
         """Every hookable site, in forward order."""

@@ -38,11 +38,13 @@ every template) is test data, and the training split never sees these two names 
 ordered pairs instead would not test generalisation: the model sees (Y, X) in training and memorises it.
 
 Usage:
-    python toy_ioi.py                  # retrain and write toy_model/ (~45 s on 2 idle CPU cores)
+    python toy_ioi.py                  # retrain; writes out/toy_model/ (git-ignored; ~45 s on 2 idle CPU cores)
     python toy_ioi.py --out DIR        # write the checkpoint somewhere else
+    python toy_ioi.py --out toy_model  # rewrite the shipped checkpoint (every number in the repository
+                                       # comes from it: see the README before doing this)
     python toy_ioi.py --seed N         # try another training seed
     python toy_ioi.py --n-layer 8 --d-model 64 --lr 1e-3 --steps 1200 --out DIR   # another recipe
-                                       # (depth_study.py trains its models this way)
+                                       # (experiments/depth_study.py trains its models this way)
 """
 
 import argparse
@@ -60,7 +62,8 @@ import torch.nn.functional as F
 from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOY_MODEL_DIR = os.path.join(HERE, "toy_model")
+TOY_MODEL_DIR = os.path.join(HERE, "toy_model")  # the shipped checkpoint, read by load_toy_model()
+RETRAIN_DIR = os.path.join(HERE, "out", "toy_model")  # where `python toy_ioi.py` writes (git-ignored)
 
 # --- the vocabulary and the templates
 
@@ -250,7 +253,8 @@ def check_saved(model: GPT, out_dir: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the toy IOI model and write its checkpoint. The "
                                      "defaults are the shipped model's recipe.")
-    parser.add_argument("--out", default=TOY_MODEL_DIR, help="output directory (default: toy_model/)")
+    parser.add_argument("--out", default=RETRAIN_DIR, help="output directory (default: out/toy_model/; "
+                        "--out toy_model replaces the shipped checkpoint)")
     parser.add_argument("--seed", type=int, default=TRAIN_SEED, help="training seed")
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps")
     parser.add_argument("--n-layer", type=int, default=CONFIG.n_layer, help="transformer blocks")
@@ -271,6 +275,9 @@ def main(argv=None):
     # arithmetic on them is very slow: steps 100-175 ran at 1-3 s instead of 0.1 s. Flushing them to zero
     # cuts training from ~4.5 min to ~45 s and leaves this checkpoint bit-for-bit the same.
     torch.set_flush_denormal(True)
+    if os.path.exists(os.path.join(args.out, "model.safetensors")):  # said before training, not after
+        print(f"{args.out} holds a checkpoint: this run replaces it if the model reaches "
+              f"{args.min_accuracy:.0%} held-out accuracy")
     print(f"{len(VOCAB)} tokens, {len(NAMES)} names, {len(TEMPLATES)} templates, T={T}; "
           f"{len(name_pairs('train'))} train / {len(name_pairs('test'))} test name pairs")
     print("example clean:", decode(make_pairs(1)[0][0]))

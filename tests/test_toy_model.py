@@ -1,5 +1,5 @@
 """
-Checks on the shipped toy IOI model (toy_model/, written by `python toy_ioi.py`): its prompt pairs are
+Checks on the shipped toy IOI model (toy_model/, written by `python toy_ioi.py --out toy_model`): its prompt pairs are
 well formed, it solves IOI prompts for name pairs it never saw together, and its attention saturates,
 the regime the AtP* QK fix (paper §3 Methods) is for. `pytest -s tests/test_toy_model.py` prints the numbers.
 """
