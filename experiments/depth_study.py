@@ -71,8 +71,8 @@ def train_model(L, seed):
     torch.set_flush_denormal(True)  # saturated softmaxes make subnormals, which are slow on a CPU
     start = time.perf_counter()
     try:
-        model = toy_ioi.train(seed, RECIPE["steps"], log_every=RECIPE["steps"], config=config, lr=RECIPE["lr"],
-                              batch_size=RECIPE["batch_size"])
+        model = toy_ioi.train(seed, RECIPE["steps"], log_every=RECIPE["steps"], config=config,
+                              lr=RECIPE["lr"], batch_size=RECIPE["batch_size"])
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_flush_denormal(False)
@@ -296,7 +296,8 @@ def study_table(rows, depths):
 
 
 def distribution_table(rows, depths):
-    lines = ["| L | family | seeds | " + " | ".join(METHODS) + " |", "|---|---|---:|" + "---:|" * len(METHODS)]
+    lines = ["| L | family | seeds | " + " | ".join(METHODS) + " |",
+             "|---|---|---:|" + "---:|" * len(METHODS)]
     for L in depths:
         for fam in cm.FAMILIES:
             cells = []
@@ -329,8 +330,8 @@ def mechanism_table(ratios, depths):
                     continue
                 summary[(L, fam, where)] = med["layer"][0], med["sub-layer"][0], med["layer"][1]
                 (rl, n), (rs, _) = med["layer"], med["sub-layer"]
-                lines.append(f"| {L} | {fam} | {where} | {n} | {rl:.2f} | {(1 - rl) * (L - 1):.1f} | {rs:.2f} | "
-                             f"{(1 - rs) * (2 * L - 1):.1f} |")
+                lines.append(f"| {L} | {fam} | {where} | {n} | {rl:.2f} | {(1 - rl) * (L - 1):.1f} | "
+                             f"{rs:.2f} | {(1 - rs) * (2 * L - 1):.1f} |")
     return lines, summary
 
 
@@ -368,7 +369,8 @@ def plot(path, rows, summary, depths):
         return False
     fig, axes = plt.subplots(2, 3, figsize=(14, 8))
     styles = dict(zip(METHODS, (("C0", "o"), ("C1", "s"), ("C2", "^"), ("C3", "v"))))
-    for row, (key, what) in enumerate((("rel_cost", "relative cost"), ("rel_cost_no_c", "relative cost, C left out"))):
+    panels = (("rel_cost", "relative cost"), ("rel_cost_no_c", "relative cost, C left out"))
+    for row, (key, what) in enumerate(panels):
         for ax, fam in zip(axes[row, :2], cm.FAMILIES):
             for j, m in enumerate(METHODS):
                 xs, med, lo, hi, dist = [], [], [], [], []
@@ -383,9 +385,11 @@ def plot(path, rows, summary, depths):
                     d = [r[key] for r in select(rows, L, fam, m, "distribution")]
                     dist.append(statistics.median(d) if d else float("nan"))
                 color, marker = styles[m]
-                ax.errorbar(xs, med, yerr=[[a - b for a, b in zip(med, lo)], [b - a for a, b in zip(med, hi)]],
-                            color=color, marker=marker, capsize=3, lw=1.3, label=f"{m}: single pairs")
-                ax.plot(xs, dist, color=color, marker=marker, ls=":", mfc="none", lw=1, label=f"{m}: distribution")
+                yerr = [[a - b for a, b in zip(med, lo)], [b - a for a, b in zip(med, hi)]]
+                ax.errorbar(xs, med, yerr=yerr, color=color, marker=marker, capsize=3, lw=1.3,
+                            label=f"{m}: single pairs")
+                ax.plot(xs, dist, color=color, marker=marker, ls=":", mfc="none", lw=1,
+                        label=f"{m}: distribution")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())
@@ -399,7 +403,8 @@ def plot(path, rows, summary, depths):
         ax = axes[row, 2]
         unit, terms = (("layer", "L-1"), ("sub-layer", "2L-1"))[row]
         for fam, color in (("attention", "C4"), ("neurons", "C5")):
-            for where, ls in (("earlier", "-"), ("earlier q, z", "-"), ("earlier k, v", "-."), ("last", "--")):
+            for where, ls in (("earlier", "-"), ("earlier q, z", "-"), ("earlier k, v", "-."),
+                              ("last", "--")):
                 xs = [L for L in depths if (L, fam, where) in summary]
                 if xs:
                     ax.plot(xs, [summary[(L, fam, where)][row] for L in xs], color=color, ls=ls, marker="o",
@@ -432,20 +437,24 @@ def markdown_report(command, elapsed, args, records, rows, mech_lines, figure):
           + (" (training included)." if args.retrain else " (from the checkpoints in depth_models/).")
           + " The wall-clock times are the only numbers here that differ from machine to machine.", "",
           f"Models: toy IOI (toy_ioi.py), d_model {RECIPE['d_model']}, {RECIPE['n_head']} heads, AdamW lr "
-          f"{RECIPE['lr']:g}, batch {RECIPE['batch_size']}, {RECIPE['steps']} steps; used if held-out accuracy "
-          f">= {MIN_ACCURACY:.0%}. Training times: 1 torch thread on a shared 2-core machine under load.", "",
-          "| model | held-out accuracy | train accuracy | training time (s) | used |", "|---|---:|---:|---:|---|"]
+          f"{RECIPE['lr']:g}, batch {RECIPE['batch_size']}, {RECIPE['steps']} steps; used if held-out "
+          f"accuracy >= {MIN_ACCURACY:.0%}. Training times: 1 torch thread on a shared 2-core machine under "
+          "load.", "",
+          "| model | held-out accuracy | train accuracy | training time (s) | used |",
+          "|---|---:|---:|---:|---|"]
     md += [f"| L{r['n_layer']}_seed{r['seed']} | {r['test_accuracy']:.4f} | {r['train_accuracy']:.4f} | "
-           f"{r['train_seconds']:.0f} | {'yes' if r['test_accuracy'] >= MIN_ACCURACY else 'no'} |" for r in records]
-    md += ["", f"Prompt pairs: held-out names, `toy_ioi.make_pairs({args.pairs}, 'test', seed=0)`; single pair "
-           f"= each alone; distribution = all {args.pairs} as one D (c(n) = mean over them). Metric: logit "
-           "difference at the last position. Everything in float64.", "",
-           f"Counted nodes: |c(n)| >= {cm.COUNTED:g} x the family's largest |c(n)| (compare_methods.COUNTED); "
-           f"rankings and effects are compared on a grid of max/{GRID:.0e}, so last-bit differences between "
-           "CPUs do not reorder anything. Relative cost (paper §4, Experiments): inverse-rank-weighted "
-           "geometric mean of cost(x)/x, cost(x) = the method's own cost C + the exact patches until the true "
-           "top-x are all verified (1 = oracle); 'C left out' scores the order alone. Top-10 verifications: "
-           "exact patches, in the method's order, until the true top-10 are all verified (10 = oracle).", "",
+           f"{r['train_seconds']:.0f} | {'yes' if r['test_accuracy'] >= MIN_ACCURACY else 'no'} |"
+           for r in records]
+    md += ["", f"Prompt pairs: held-out names, `toy_ioi.make_pairs({args.pairs}, 'test', seed=0)`; single "
+           f"pair = each alone; distribution = all {args.pairs} as one D (c(n) = mean over them). Metric: "
+           "logit difference at the last position. Everything in float64.", "",
+           f"Counted nodes: |c(n)| >= {cm.COUNTED:g} x the family's largest |c(n)| "
+           f"(compare_methods.COUNTED); rankings and effects are compared on a grid of max/{GRID:.0e}, so "
+           "last-bit differences between CPUs do not reorder anything. Relative cost (paper §4, "
+           "Experiments): inverse-rank-weighted geometric mean of cost(x)/x, cost(x) = the method's own "
+           "cost C + the exact patches until the true top-x are all verified (1 = oracle); 'C left out' "
+           "scores the order alone. Top-10 verifications: exact patches, in the method's order, until the "
+           "true top-10 are all verified (10 = oracle).", "",
            "## Single prompt pairs: median / worst over pairs and seeds", ""]
     md += study_table(rows, DEPTHS)
     if not args.no_distribution:
@@ -455,13 +464,14 @@ def markdown_report(command, elapsed, args, records, rows, mech_lines, figure):
            f"Per single prompt pair, the nodes whose |AtP+QK estimate| is at least {SHOWN:g} of the family's "
            "largest; median ratio of their GradDrop score (per-pair, QK-fixed, as in AtP*) to |AtP+QK "
            "estimate|. The metric reads the last position; a node at an earlier position reaches it only "
-           "through later attention layers, and each GradDrop term that drops one of those removes most of its "
-           "effect. Earlier keys and values are the exception: the last position's query reads them in their "
-           "own layer, whose term is 0 for every node anyway. (1 - ratio) x (number of terms) estimates how "
-           "many terms remove the effect: if it stays roughly constant as L grows, the shrink scales as "
-           "1/(L-1).", ""]
+           "through later attention layers, and each GradDrop term that drops one of those removes most of "
+           "its effect. Earlier keys and values are the exception: the last position's query reads them in "
+           "their own layer, whose term is 0 for every node anyway. (1 - ratio) x (number of terms) "
+           "estimates how many terms remove the effect: if it stays roughly constant as L grows, the shrink "
+           "scales as 1/(L-1).", ""]
     md += mech_lines
-    md += ["", "## Where AtP* beats AtP+QK fix (single pairs)", "", "```"] + beats_lines(rows, DEPTHS) + ["```", ""]
+    md += ["", "## Where AtP* beats AtP+QK fix (single pairs)", "", "```"]
+    md += beats_lines(rows, DEPTHS) + ["```", ""]
     if figure:
         md += [f"![relative cost against depth, and the shrink]({figure}.png)", ""]
     return md
@@ -476,13 +486,15 @@ def write_csv(path, rows, keys):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="GradDrop against depth: AtP, AtP+QK fix, AtP* and AtP* with "
-                                     "per-sub-layer GradDrop on toy IOI models of 2-12 layers.")
+    parser = argparse.ArgumentParser(description="GradDrop against depth: AtP, AtP+QK fix, AtP* and AtP* "
+                                     "with per-sub-layer GradDrop on toy IOI models of 2-12 layers.")
     parser.add_argument("--retrain", action="store_true", help="train every model again (overwrites "
                         "experiments/depth_models/)")
-    parser.add_argument("--pairs", type=int, default=6, help="prompt pairs: each alone, then all as one distribution")
+    parser.add_argument("--pairs", type=int, default=6,
+                        help="prompt pairs: each alone, then all as one distribution")
     parser.add_argument("--no-distribution", action="store_true", help="single prompt pairs only")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 pairs, one model per depth, no distribution")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 pairs, one model per depth, no distribution")
     parser.add_argument("--out", default=None, help="output directory (default: experiments/results/ for the "
                         "default run, out/ for any other)")
     args = parser.parse_args(argv)
@@ -505,8 +517,10 @@ def main(argv=None):
               ["L", "family", "position", "nodes", "median_ratio_layer", "median_ratio_sublayer"])
     write_csv(stem + ".csv", rows, ["L", "seed", "where", "pair", "family", "method", "own_cost", "X",
                                     "rel_cost", "rel_cost_no_c", "top10"])
-    command = "python experiments/depth_study.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    md = markdown_report(command, elapsed, args, records, rows, mech_lines, plotted and os.path.basename(stem))
+    command = "python experiments/depth_study.py" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    md = markdown_report(command, elapsed, args, records, rows, mech_lines,
+                         plotted and os.path.basename(stem))
     with open(stem + ".md", "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))
