@@ -215,22 +215,31 @@ def clean_gradients(model, clean, metric, names):
     return {n: a.detach() for n, a in acts.items()}, grads
 
 
+def atp_runs(model, clean, noise, metric, names):
+    """AtP's two forwards and one backward: (noise activations, clean activations, clean dL/d activation),
+    each {name: tensor} for the sites `names`, detached."""
+    with torch.no_grad():
+        _, noise_acts = run_with_cache(model, noise, names)  # forward 1: the noise run
+    clean_acts, grads = clean_gradients(model, clean, metric, names)  # forward 2 and the backward
+    return noise_acts, clean_acts, grads
+
+
+def delta_dot_grad(noise_act, clean_act, grad):
+    """AtP's estimate for every node of a site: (n(noise) - n(clean)) . dL/dn over each unit's E features.
+    Site tensors (B, T, U, E) or (B, T, M) -> (B, T, U)."""
+    return ((as_units(noise_act) - as_units(clean_act)) * as_units(grad)).sum(-1)
+
+
 def atp_estimates_reference(model, clean, noise, metric, kinds=KINDS):
     """AtP: I_hat(n) = (n(noise) - n(clean)) . dL/dn at the clean run, for every node at once, from two
     forwards and one backward. Signed, per pair: kind -> (B, L, T, U)."""
     kinds = check_inputs(model, clean, noise, kinds)
-    names = [site(k, l) for k in kinds for l in range(model.config.n_layer)]
-    with torch.no_grad():
-        _, noise_acts = run_with_cache(model, noise, names)  # forward 1: the noise run
-    clean_acts, grads = clean_gradients(model, clean, metric, names)  # forward 2 and the backward
-    estimates = {}
-    for k in kinds:
-        per_layer = []
-        for l in range(model.config.n_layer):
-            delta = as_units(noise_acts[site(k, l)] - clean_acts[site(k, l)])  # (B, T, U, E)
-            per_layer.append((delta * as_units(grads[site(k, l)])).sum(-1))  # (B, T, U): Delta n . dL/dn
-        estimates[k] = torch.stack(per_layer, 1)  # (B, L, T, U)
-    return PerPair(estimates)
+    L = model.config.n_layer
+    noise_acts, clean_acts, grads = atp_runs(model, clean, noise, metric, [site(k, l) for k in kinds
+                                                                           for l in range(L)])
+    return PerPair({k: torch.stack([delta_dot_grad(noise_acts[site(k, l)], clean_acts[site(k, l)],
+                                                   grads[site(k, l)]) for l in range(L)], 1)  # (B, L, T, U)
+                    for k in kinds})
 
 
 # --- the QK fix (paper §3 Methods: attention saturation). Recompute the attention softmax exactly, and
@@ -282,27 +291,29 @@ def key_fix_reference(q_clean, k_clean, k_noise, G, scale):
 
 def atp_qk_fix_reference(model, clean, noise, metric, kinds=KINDS):
     """AtP with the QK fix: q and k nodes get query_fix and key_fix_reference, with G = dL/dpattern from
-    the clean backward pass and the model's own attention scale; other kinds keep AtP. (B, L, T, U)."""
+    the clean backward pass and the model's own attention scale; other kinds keep AtP's estimate. The
+    same two forwards and one backward as AtP. Signed, per pair: kind -> (B, L, T, U)."""
     kinds = check_inputs(model, clean, noise, kinds)
-    others = [k for k in kinds if k not in ("q", "k")]
-    estimates = dict(atp_estimates_reference(model, clean, noise, metric, others)) if others else {}
     L = model.config.n_layer
     qk = [site(x, l) for l in range(L) for x in ("q", "k")]
     patterns = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
-    with torch.no_grad():
-        _, noise_acts = run_with_cache(model, noise, qk)
-    clean_acts, grads = clean_gradients(model, clean, metric, qk + patterns)
-    for kind in [k for k in kinds if k in ("q", "k")]:
+    nodes = [site(k, l) for k in kinds for l in range(L)]
+    noise_acts, clean_acts, grads = atp_runs(model, clean, noise, metric, nodes + qk + patterns)
+    estimates = {}
+    for kind in kinds:
         per_layer = []
         for l in range(L):
             q_c, k_c, G = clean_acts[site("q", l)], clean_acts[site("k", l)], grads[patterns[l]]
+            scale = model.attention_scale(l)
             if kind == "q":
-                per_layer.append(query_fix(q_c, noise_acts[site("q", l)], k_c, G, model.attention_scale(l)))
+                per_layer.append(query_fix(q_c, noise_acts[site("q", l)], k_c, G, scale))  # (B, T, H)
+            elif kind == "k":
+                per_layer.append(key_fix_reference(q_c, k_c, noise_acts[site("k", l)], G, scale))  # (B, S, G)
             else:
-                k_n = noise_acts[site("k", l)]
-                per_layer.append(key_fix_reference(q_c, k_c, k_n, G, model.attention_scale(l)))
+                per_layer.append(delta_dot_grad(noise_acts[site(kind, l)], clean_acts[site(kind, l)],
+                                                grads[site(kind, l)]))  # (B, T, U)
         estimates[kind] = torch.stack(per_layer, 1)  # (B, L, T, U)
-    return PerPair({k: estimates[k] for k in kinds})
+    return PerPair(estimates)
 
 
 # --- GradDrop (paper §3 Methods: cancellation). Dropout on the backward pass: stop the gradient through
