@@ -235,11 +235,14 @@ def atp_estimates_reference(model, clean, noise, metric, kinds=KINDS):
     forwards and one backward. Signed, per pair: kind -> (B, L, T, U)."""
     kinds = check_inputs(model, clean, noise, kinds)
     L = model.config.n_layer
-    noise_acts, clean_acts, grads = atp_runs(model, clean, noise, metric, [site(k, l) for k in kinds
-                                                                           for l in range(L)])
-    return PerPair({k: torch.stack([delta_dot_grad(noise_acts[site(k, l)], clean_acts[site(k, l)],
-                                                   grads[site(k, l)]) for l in range(L)], 1)  # (B, L, T, U)
-                    for k in kinds})
+    names = [site(k, l) for k in kinds for l in range(L)]
+    noise_acts, clean_acts, grads = atp_runs(model, clean, noise, metric, names)  # 2 forwards, 1 backward
+    estimates = {}
+    for k in kinds:
+        per_layer = [delta_dot_grad(noise_acts[site(k, l)], clean_acts[site(k, l)], grads[site(k, l)])
+                     for l in range(L)]  # each (B, T, U): Delta n . dL/dn
+        estimates[k] = torch.stack(per_layer, 1)  # (B, L, T, U)
+    return PerPair(estimates)
 
 
 # --- the QK fix (paper §3 Methods: attention saturation). Recompute the attention softmax exactly, and
