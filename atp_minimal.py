@@ -207,7 +207,7 @@ def clean_gradients(model, clean, metric, names):
     start = {"blocks.0.hook_resid_pre": lambda t: t.detach().requires_grad_(True)}  # the graph starts here
     with torch.enable_grad():
         logits, acts = run_with_cache(model, clean, names, start)
-        values = check_metric(metric, logits, clean.shape[0], grad=True)  # (B,)
+        values = check_metric(metric, logits, clean.shape[0])  # (B,)
         grads = torch.autograd.grad(values.sum(), [acts[n] for n in names], allow_unused=True)
     grads = {n: torch.zeros_like(acts[n]) if g is None else g for n, g in zip(names, grads)}
     return {n: a.detach() for n, a in acts.items()}, grads
@@ -767,7 +767,7 @@ def attribution(model, clean, noise, metric, kinds, qk_fix, positions, unit):
             start = {"blocks.0.hook_resid_pre": lambda t: t.detach().requires_grad_(True)}
             cached = nodes + qk + patterns + resid_pre + resid_post + writes
             logits, clean_acts = run_with_cache(model, clean, cached, start)
-            values = check_metric(metric, logits, clean.shape[0], grad=True)
+            values = check_metric(metric, logits, clean.shape[0])
             wrt = nodes + patterns + resid_post + writes
             grads = dict(zip(wrt, torch.autograd.grad(values.sum(), [clean_acts[n] for n in wrt],
                                                       retain_graph=bool(unit), allow_unused=True)))
@@ -986,7 +986,7 @@ def check_inputs(model, clean, noise, kinds, positions="each"):
     cfg = getattr(model, "config", None)
     missing = [f"config.{f}" for f in ("n_layer", "n_head", "d_head", "d_mlp", "vocab_size", "n_positions")
                if not isinstance(getattr(cfg, f, None), numbers.Integral)]
-    missing += [m for m in ("attention_scale", "parameters") if not callable(getattr(model, m, None))]
+    missing += [] if callable(getattr(model, "attention_scale", None)) else ["attention_scale"]
     if missing:
         raise TypeError(f"the model lacks {', '.join(missing)}: see 'The model protocol' at the top of "
                         "atp_minimal.py")
@@ -994,9 +994,9 @@ def check_inputs(model, clean, noise, kinds, positions="each"):
         raise ValueError(f"n_head = {cfg.n_head} is not a multiple of n_kv_head = {n_units(model, 'k')}")
     device = next(model.parameters()).device
     for name, x in (("clean", clean), ("noise", noise)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.is_floating_point() or x.dtype == torch.bool:
-            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"{name} must be an integer tensor of token ids, shape (B, T); got {got}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"{name} must be a tensor of token ids, shape (B, T); got {got}")
         if x.device != device:
             raise ValueError(f"{name} tokens are on {x.device} but the model is on {device}; "
                              f"move them with .to({str(device)!r})")
@@ -1010,8 +1010,7 @@ def check_inputs(model, clean, noise, kinds, positions="each"):
         if x.min() < 0 or x.max() >= cfg.vocab_size:
             raise ValueError(f"{name} token ids must lie in [0, {cfg.vocab_size}); got min {int(x.min())}, "
                              f"max {int(x.max())}")
-    if isinstance(kinds, str) or not hasattr(kinds, "__iter__"):
-        raise TypeError(f"kinds must be a collection of node kinds, e.g. ('q', 'k'); got {kinds!r}")
+    kinds = (kinds,) if isinstance(kinds, str) else kinds  # one kind by its name: kinds="neuron"
     unknown = [k for k in kinds if k not in KINDS]
     kinds = tuple(k for k in KINDS if k in kinds) if isinstance(kinds, (set, frozenset)) else tuple(kinds)
     if unknown or not kinds or len(set(kinds)) != len(kinds):
@@ -1028,11 +1027,11 @@ def reads_last_position_only(metric):
     return getattr(metric, "position", None) == -1 or getattr(metric, "last_position_only", False) is True
 
 
-def check_metric(metric, logits, B, grad=False):
+def check_metric(metric, logits, B):
     """The metric on the clean run, checked: (B,) finite floats; row b depends on row b of the logits
     alone (moving the first or the last row moves no other value); if it says it reads the last position
     alone, it does."""
-    values = check_metric_values(metric(logits), B, "the clean run", grad)
+    values = check_metric_values(metric(logits), B, "the clean run")
     with torch.no_grad():
         V = logits.shape[-1]
         ramp = torch.linspace(0.5, 1.0, V, dtype=logits.dtype, device=logits.device) ** 2  # (V,), none 0
@@ -1054,16 +1053,13 @@ def check_metric(metric, logits, B, grad=False):
     return values
 
 
-def check_metric_values(values, B, what, grad=False):
+def check_metric_values(values, B, what):
     if not isinstance(values, torch.Tensor) or values.shape != (B,):
         got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(f"metric must return one value per prompt pair, shape ({B},); got {got} on {what}")
     if not values.is_floating_point():
         raise TypeError(f"metric must return floating-point values (AtP differentiates it); got "
                         f"{values.dtype}")
-    if grad and not values.requires_grad:
-        raise ValueError("the metric's value does not depend differentiably on the logits (detached, argmax, "
-                         "comparisons?): AtP needs its gradient")
     if not torch.isfinite(values).all():
         raise ValueError(f"metric returned non-finite values on {what}: {values.tolist()}")
     return values

@@ -61,13 +61,15 @@ CASES = [
      ValueError, "not row-wise"),
     ("atp_star kinds=('q', 'q')", lambda: atp.atp_star(MODEL, CLEAN, NOISE, METRIC, kinds=("q", "q")),
      ValueError, "each node kind once"),
-    ("kinds='q' (a string)", lambda: atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds="q"), TypeError, "collection"),
+    ("kinds='bogus' (an unknown kind by name)", lambda: atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds="bogus"),
+     ValueError, "unknown: ['bogus']"),
     ("B = 0", lambda: atp.atp_star(MODEL, CLEAN[:0], NOISE[:0], METRIC), ValueError, "at least one prompt pair"),
     ("integer-valued metric", lambda: atp.atp_estimates(MODEL, CLEAN, NOISE, lambda lg: lg[:, -1].argmax(-1)),
      TypeError, "floating-point"),
     ("metric detached from the logits", lambda: atp.atp_estimates(MODEL, CLEAN, NOISE, lambda lg: METRIC(lg).detach()),
-     ValueError, "differentiably"),
-    ("float token ids", lambda: atp.atp_star(MODEL, CLEAN.double(), NOISE.double(), METRIC), TypeError, "integer tensor"),
+     RuntimeError, "does not require grad"),  # torch's own words
+    ("float token ids", lambda: atp.atp_star(MODEL, CLEAN.double(), NOISE.double(), METRIC), ValueError,
+     "integer tensor"),  # model.py's own check
     ("tokens on another device", lambda: atp.atp_star(MODEL, CLEAN.to("meta"), NOISE.to("meta"), METRIC),
      ValueError, "move them with .to('cpu')"),
     ("logit_diff: answer id out of the vocabulary", lambda: atp.atp_star(MODEL, CLEAN, NOISE, atp.logit_diff(12, 1)),
@@ -134,12 +136,17 @@ def test_token_ids_of_any_integer_dtype_give_the_same_metric():
         assert torch.equal(got, want)
 
 
-def test_kinds_as_a_set_give_the_same_answer_as_a_tuple():
+def test_kinds_as_a_set_or_one_name_give_the_same_answer_as_a_tuple():
     as_set = atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds={"k", "q"})
     as_tuple = atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds=("q", "k"))
     assert list(as_set) == ["q", "k"]
     print("  kinds={'k', 'q'} == kinds=('q', 'k'):", all(torch.equal(as_set[k], as_tuple[k]) for k in as_tuple))
     assert all(torch.equal(as_set[k], as_tuple[k]) for k in as_tuple)
+    by_name = atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds="neuron")
+    as_one = atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds=("neuron",))
+    print("  kinds='neuron' == kinds=('neuron',):", list(by_name) == ["neuron"] and torch.equal(
+        by_name["neuron"], as_one["neuron"]))
+    assert list(by_name) == ["neuron"] and torch.equal(by_name["neuron"], as_one["neuron"])
 
 
 def test_no_call_changes_the_callers_tensors_or_the_model_weights():
