@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import atp_minimal as atp  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from whole_positions import whole_position_atp, whole_position_estimates  # noqa: E402
 
 
 # (tests/conftest.py runs every test on one torch thread: the tensors here are tiny)
@@ -193,9 +194,10 @@ def test_key_fix_and_query_fix_are_exactly_zero_when_nothing_moves():
     q, k = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64)
     G = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
     for positions in ("each", "all"):
-        kf = atp.key_fix(q, k, k.clone(), G, 0.5, positions)
-        kr = atp.key_fix_reference(q, k, k.clone(), G, 0.5, positions)
-        qf = atp.query_fix(q, q.clone(), k, G, 0.5, positions)
+        kf = atp.key_fix(q, k, k.clone(), G, 0.5) if positions == "each" else \
+            atp.key_fix_all_positions(q, k, k.clone(), G, 0.5)
+        kr = atp.key_fix_reference(q, k, k.clone(), G, 0.5) if positions == "each" else kf
+        qf = atp.query_fix(q, q.clone(), k, G, 0.5)
         print(f"  positions={positions}: max |key_fix| = {kf.abs().max().item():.3g}, max |key_fix_reference| = "
               f"{kr.abs().max().item():.3g}, max |query_fix| = {qf.abs().max().item():.3g}")
         assert (kf == 0).all() and (kr == 0).all() and (qf == 0).all()
@@ -273,7 +275,8 @@ def test_fast_qk_fix_equals_the_literal_softmax_recomputation_in_a_model(positio
     top = torch.stack([cl[pattern_site(l)].max(-1).values for l in range(model.config.n_layer)])
     print(f"  rows with max prob > 1 - 1e-6: {(top > 1 - 1e-6).float().mean():.0%}")
     for kind in ("q", "k"):
-        want = atp.atp_estimates_reference(model, clean, noise, metric, (kind,), qk_fix=True, positions=positions)[kind]
+        want = atp.atp_qk_fix_reference(model, clean, noise, metric, (kind,))[kind] if positions == "each" else \
+            whole_position_estimates(model, clean, noise, metric, (kind,))[kind]
         diff = max_abs(est[kind], want)
         alone = atp.attribution_patching(model, clean, noise, metric, kinds=(kind,), qk_fix=True,
                                          positions=positions)[kind]  # asking for one kind changes nothing
@@ -325,9 +328,11 @@ def test_fast_key_fix_equals_the_literal_key_fix_on_extreme_rows(case):
           f"{int(((a == 0) & ~torch.isinf(scores)).sum())}, of which the key patch makes dominant "
           f"{int(((a == 0) & ~torch.isinf(scores) & (Zk > scores.max(-1, keepdim=True).values)).sum())}")
     for positions in ("each", "all"):
-        kf = atp.key_fix(q_c, k_c, k_n, G, scale, positions)
-        kw = atp.key_fix_reference(q_c, k_c, k_n, G, scale, positions)
-        qf = atp.query_fix(q_c, q_n, k_c, G, scale, positions)
+        if positions == "each":
+            kf, kw = atp.key_fix(q_c, k_c, k_n, G, scale), atp.key_fix_reference(q_c, k_c, k_n, G, scale)
+        else:  # every key moved at once: the fast form IS the literal recomputation; check it is finite
+            kf = kw = atp.key_fix_all_positions(q_c, k_c, k_n, G, scale)
+        qf = atp.query_fix(q_c, q_n, k_c, G, scale)
         dk = max_abs(kf, kw)
         print(f"    positions={positions}: fast key fix - literal key fix: max diff {dk:.2e} (max |est| "
               f"{kw.abs().max():.2f}); query fix finite: {bool(torch.isfinite(qf).all())}")
@@ -445,7 +450,10 @@ def test_fast_grad_drop_equals_the_literal_detach_per_layer_form(positions):
     metric = atp.neg_log_prob(4)
     for qk in (False, True):
         got = atp.attribution_patching(model, clean, noise, metric, qk_fix=qk, grad_drop=True, positions=positions)
-        want = atp.grad_drop_scores_reference(model, clean, noise, metric, atp.KINDS, qk_fix=qk, positions=positions)
+        estimates = atp.atp_qk_fix_reference if qk else atp.atp_estimates_reference
+        if positions == "all":
+            estimates = whole_position_estimates if qk else whole_position_atp
+        want = atp.grad_drop_scores_reference(model, clean, noise, metric, atp.KINDS, estimates=estimates)
         for kind in atp.KINDS:
             diff = max_abs(got[kind], want[kind])
             print(f"  qk_fix={qk!s:5s} {kind:6s} positions={positions}: max |GradDrop - literal| = {diff:.2e}"
@@ -480,7 +488,8 @@ def test_grad_drop_arithmetic_on_hand_worked_cases():
     metric = atp.neg_log_prob(3)
     plain = atp.attribution_patching(model, clean, noise, metric)
     drop = atp.attribution_patching(model, clean, noise, metric, grad_drop=True)
-    drop1 = atp.atp_estimates_reference(model, clean, noise, metric, detach=["blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"])
+    drop1 = atp.atp_estimates_reference(atp.GradientDropped(model, ["blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"]),
+                                        clean, noise, metric)
     for kind in atp.KINDS:
         want = {0: (drop1[kind][:, 0].abs() + 2 * plain[kind][:, 0].abs()) / 3, 1: plain[kind][:, 1].abs(),
                 2: torch.zeros_like(plain[kind][:, 2]), 3: torch.zeros_like(plain[kind][:, 3])}
@@ -743,8 +752,8 @@ def test_last_position_fast_path_equals_full_logits():
     noise = clean.clone()
     noise[:, 2] = (noise[:, 2] + 3) % 20
     fast = atp.logit_diff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
-    full = lambda logits: fast(logits)  # same values, no `last_position_only` attribute
-    assert fast.last_position_only and not hasattr(full, "last_position_only")
+    full = lambda logits: fast(logits)  # same values, no `position` attribute
+    assert atp.reads_last_position_only(fast) and not atp.reads_last_position_only(full)
     worst = 0.0
     for positions in ("each", "all"):
         a = atp.activation_patching(model, clean, noise, fast, positions=positions)

@@ -14,6 +14,7 @@ import torch
 import atp_minimal as atp
 import toy_ioi
 from model import GPT, GPTConfig
+from whole_positions import whole_position_atp, whole_position_estimates
 
 TWIN_TOL = 1e-12
 
@@ -43,6 +44,19 @@ def max_diff(a, b):
     if isinstance(a, dict):
         return max((a[k] - b[k]).abs().max().item() for k in a)
     return (a - b).abs().max().item()
+
+
+def exact_reference(model, clean, noise, metric, kinds, positions):
+    """The one-forward-per-node loop: activation_patching_reference, or for whole-position nodes
+    (kind, layer, unit) the same loop over patch_node_sets_reference. kind -> (B, L, T, U) or (B, L, U)."""
+    if positions == "each":
+        return atp.activation_patching_reference(model, clean, noise, metric, kinds)
+    out = {}
+    for k in kinds:
+        nodes = atp.all_nodes(model, k, clean.shape[1], "all")
+        values = atp.patch_node_sets_reference(model, clean, noise, metric, [[n] for n in nodes])  # (N, B)
+        out[k] = values.T.reshape(clean.shape[0], model.config.n_layer, atp.n_units(model, k))
+    return out
 
 
 def largest(a):
@@ -75,22 +89,25 @@ def report(name, fast, ref):
 def test_fast_exact_patching_equals_the_one_forward_per_node_loop(random_setting, positions):
     model, clean, noise, metric = random_setting
     fast = atp.activation_patching(model, clean, noise, metric, positions=positions, chunk_size=7)
-    report(f"activation_patching positions={positions}", fast,
-           atp.activation_patching_reference(model, clean, noise, metric, positions=positions))
+    report(f"activation_patching positions={positions}", fast, exact_reference(model, clean, noise, metric,
+                                                                                atp.KINDS, positions))
 
 
 @pytest.mark.parametrize("positions", ["each", "all"])
 def test_fast_attribution_equals_its_reference_for_every_variant(random_setting, positions):
     model, clean, noise, metric = random_setting
     for qk in (False, True):
+        estimates = {(False, "each"): atp.atp_estimates_reference, (True, "each"): atp.atp_qk_fix_reference,
+                     (False, "all"): whole_position_atp, (True, "all"): whole_position_estimates}[qk, positions]
         report(f"atp_estimates qk_fix={qk} {positions}", atp.atp_estimates(model, clean, noise, metric, qk_fix=qk,
-               positions=positions), atp.atp_estimates_reference(model, clean, noise, metric, qk_fix=qk, positions=positions))
+               positions=positions), estimates(model, clean, noise, metric))
         for unit in ("layer", "sublayer"):
             report(f"grad_drop_scores qk_fix={qk} unit={unit} {positions}",
                    atp.grad_drop_scores(model, clean, noise, metric, qk_fix=qk, positions=positions, unit=unit),
-                   atp.grad_drop_scores_reference(model, clean, noise, metric, qk_fix=qk, positions=positions, unit=unit))
+                   atp.grad_drop_scores_reference(model, clean, noise, metric, unit=unit, estimates=estimates))
     report(f"atp_star {positions}", atp.atp_star(model, clean, noise, metric, positions=positions),
-           atp.atp_star_reference(model, clean, noise, metric, positions=positions))
+           atp.atp_star_reference(model, clean, noise, metric) if positions == "each" else
+           atp.grad_drop_scores_reference(model, clean, noise, metric, estimates=whole_position_estimates))
 
 
 def test_attribution_patching_dispatches_to_the_named_functions(random_setting):
@@ -144,7 +161,7 @@ def test_the_sublayer_unit_has_2L_terms_and_divides_by_2L_minus_1(random_setting
     assert rel < 1e-12
     # ... and the literal form's term for the node's own unit is exactly 0: drop layer 0's attention write,
     # and every layer-0 attention node gets exactly 0, while layer-0 neurons keep their plain estimate.
-    est = atp.atp_estimates_reference(model, clean, noise, metric, detach=["blocks.0.hook_attn_out"])
+    est = atp.atp_estimates_reference(atp.GradientDropped(model, ["blocks.0.hook_attn_out"]), clean, noise, metric)
     full = atp.atp_estimates_reference(model, clean, noise, metric)
     inside = max(est[k][:, 0].abs().max().item() for k in ("q", "k", "v", "z"))
     print(f"  layer-0 attention nodes with their own write dropped: max |estimate| = {inside:.1e}; layer-0 neurons "
@@ -160,9 +177,9 @@ def test_fast_forms_equal_references_on_the_trained_toy_model(toy_setting):
            atp.activation_patching_reference(model, clean, noise, metric, ("q", "k")))
     report("toy: activation_patching, neurons, positions=all",
            atp.activation_patching(model, clean, noise, metric, ("neuron",), positions="all"),
-           atp.activation_patching_reference(model, clean, noise, metric, ("neuron",), positions="all"))
+           exact_reference(model, clean, noise, metric, ("neuron",), "all"))
     report("toy: AtP+QK fix", atp.atp_estimates(model, clean, noise, metric, qk_fix=True),
-           atp.atp_estimates_reference(model, clean, noise, metric, qk_fix=True))
+           atp.atp_qk_fix_reference(model, clean, noise, metric))
     for unit in ("layer", "sublayer"):
         report(f"toy: AtP* unit={unit}", atp.atp_star(model, clean, noise, metric, unit=unit),
                atp.atp_star_reference(model, clean, noise, metric, unit=unit))

@@ -195,18 +195,16 @@ def every_public_function(model, clean, noise, metric):
     for positions in ("each", "all"):
         out[f"activation_patching {positions}"] = atp.activation_patching(model, clean, noise, metric,
                                                                           positions=positions, progress=False)
-        out[f"activation_patching_reference {positions}"] = atp.activation_patching_reference(
-            model, clean, noise, metric, positions=positions)
         for qk_fix in (False, True):
             out[f"atp_estimates qk_fix={qk_fix} {positions}"] = atp.atp_estimates(model, clean, noise, metric,
                                                                                  qk_fix=qk_fix, positions=positions)
-            out[f"atp_estimates_reference qk_fix={qk_fix} {positions}"] = atp.atp_estimates_reference(
-                model, clean, noise, metric, qk_fix=qk_fix, positions=positions)
             for unit in ("layer", "sublayer"):
                 out[f"grad_drop_scores qk_fix={qk_fix} {unit} {positions}"] = atp.grad_drop_scores(
                     model, clean, noise, metric, qk_fix=qk_fix, positions=positions, unit=unit)
-    out["grad_drop_scores_reference qk_fix=True layer"] = atp.grad_drop_scores_reference(model, clean, noise, metric,
-                                                                                         qk_fix=True)
+    out["activation_patching_reference"] = atp.activation_patching_reference(model, clean, noise, metric)
+    out["atp_estimates_reference"] = atp.atp_estimates_reference(model, clean, noise, metric)
+    out["atp_qk_fix_reference"] = atp.atp_qk_fix_reference(model, clean, noise, metric)
+    out["grad_drop_scores_reference"] = atp.grad_drop_scores_reference(model, clean, noise, metric)
     out["atp_star"] = atp.atp_star(model, clean, noise, metric)
     out["atp_star_reference"] = atp.atp_star_reference(model, clean, noise, metric)
     out["attribution_patching qk_fix=True grad_drop=True"] = atp.attribution_patching(
@@ -363,7 +361,7 @@ def test_fast_forms_equal_the_reference_forms_on_adapted_models(style):
         "AtP": (atp.atp_estimates(adapted, clean, noise, metric),
                 atp.atp_estimates_reference(adapted, clean, noise, metric)),
         "AtP + QK fix": (atp.atp_estimates(adapted, clean, noise, metric, qk_fix=True),
-                         atp.atp_estimates_reference(adapted, clean, noise, metric, qk_fix=True)),
+                         atp.atp_qk_fix_reference(adapted, clean, noise, metric)),
         "GradDrop": (atp.grad_drop_scores(adapted, clean, noise, metric),
                      atp.grad_drop_scores_reference(adapted, clean, noise, metric)),
         "GradDrop, sub-layers": (atp.grad_drop_scores(adapted, clean, noise, metric, unit="sublayer"),
