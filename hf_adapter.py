@@ -25,7 +25,7 @@ module's own scaling. Everything else comes from PyTorch module hooks registered
 removed after it:
   blocks.{l}.hook_resid_pre          (B, T, D)        forward pre-hook on decoder layer l
   blocks.{l}.attn.hook_q             (B, T, H, Dh)    after rotary (the attention function)
-  blocks.{l}.attn.hook_k, hook_v     (B, T, Hkv, Dh)  after rotary, before the grouped-query repeat
+  blocks.{l}.attn.hook_k, hook_v     (B, T, G, Dh)    after rotary, before the grouped-query repeat
   blocks.{l}.attn.hook_attn_scores   (B, H, T, S)     q . k * scale, -inf above the diagonal
   blocks.{l}.attn.hook_pattern       (B, H, T, S)     softmax over keys
   blocks.{l}.attn.hook_z             (B, T, H, Dh)    pattern @ v: what the output projection reads
@@ -36,7 +36,7 @@ removed after it:
   blocks.{l}.hook_mlp_out            (B, T, D)        the MLP's output
   blocks.{l}.hook_resid_post         (B, T, D)        the layer's output = resid_pre + attn_out + mlp_out,
                                                       for sequential and parallel (NeoX) blocks alike
-With grouped-query attention (n_kv_head < n_head) query head h reads key/value head
+With grouped-query attention (G = n_kv_head < n_head) query head h reads key/value head
 h // (n_head // n_kv_head), as transformers' repeat_kv does; k and v nodes are key/value heads.
 
 Numerics. The registered attention computes the softmax in the model's dtype, or in float32 for
@@ -55,7 +55,8 @@ masks (an attention_mask), gradient checkpointing in training mode, and architec
 above.
 
 Dimension legend: B batch, T query position, S key position, P cached earlier positions, H query
-heads, Hkv key/value heads, Dh d_head, D d_model, M d_mlp, V vocab, L layers.
+heads, G key/value heads (H without grouped-query attention), Dh d_head, D d_model, M d_mlp, V vocab,
+L layers.
 """
 
 import contextvars
@@ -188,7 +189,7 @@ class HFAdapter(torch.nn.Module):
     def forward_from(self, layer, resid, hooks=None, past=None, last_position_only=False):
         """Run decoder layers layer..L-1, the final norm and the unembedding on resid (n, T', D), the
         clean residual stream entering layer `layer` at positions P..P+T'-1, where past holds, per
-        layer layer..L-1, the clean (k, v) at self.resume_sites of positions :P, each (n, P, Hkv, Dh)
+        layer layer..L-1, the clean (k, v) at self.resume_sites of positions :P, each (n, P, G, Dh)
         (P = 0 if past is None). Rotary models get the positions P..P+T'-1. Returns (n, T', V), or
         (n, 1, V) with last_position_only. Hooks see positions P.. only."""
         L, cfg = self.config.n_layer, self.config
@@ -315,7 +316,7 @@ class Call:
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention interface: query (B, H, T, Dh) after rotary, key and value
-    (B, Hkv, T, Dh) after rotary and before the grouped-query repeat. Returns z (B, T, H, Dh), what
+    (B, G, T, Dh) after rotary and before the grouped-query repeat. Returns z (B, T, H, Dh), what
     the output projection reads, and the pattern (B, H, T, S). With a resumed run's past, the cached
     clean keys and values of positions :P go in front of this call's (hooks see positions P.. only)."""
     call = ACTIVE.get()
@@ -331,11 +332,11 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     call.ran.append(l)
     p = f"blocks.{l}.attn."
     q = run_hook(p + "hook_q", query.transpose(1, 2), hooks)  # (B, T, H, Dh)
-    k = run_hook(p + "hook_k", key.transpose(1, 2), hooks)  # (B, T, Hkv, Dh)
-    v = run_hook(p + "hook_v", value.transpose(1, 2), hooks)  # (B, T, Hkv, Dh)
+    k = run_hook(p + "hook_k", key.transpose(1, 2), hooks)  # (B, T, G, Dh)
+    v = run_hook(p + "hook_v", value.transpose(1, 2), hooks)  # (B, T, G, Dh)
     if l in call.past:  # a resumed run: clean keys and values of the P earlier positions
         k_past, v_past = call.past[l]
-        k = torch.cat([k_past.to(k.device), k], dim=1)  # (B, S, Hkv, Dh), S = P + T
+        k = torch.cat([k_past.to(k.device), k], dim=1)  # (B, S, G, Dh), S = P + T
         v = torch.cat([v_past.to(v.device), v], dim=1)
     group = q.shape[2] // k.shape[2]  # query heads per key/value head: head h reads kv head h // group
     k_all, v_all = (k, v) if group == 1 else (k.repeat_interleave(group, 2), v.repeat_interleave(group, 2))  # (B, S, H, Dh)

@@ -11,6 +11,7 @@ Claims checked:
   - exact patching equals a plain loop of PyTorch hooks on the HF modules themselves, and patching a
     query or key before the rotary embedding (the projection's output) equals patching it after;
   - the fast forms equal the reference forms (patching, AtP, the QK fix, AtP*, verify);
+  - a key/value head of grouped-query attention is its query heads' keys (values) together;
   - one GPT-2's weights give the same results through model.GPT and through the adapter;
   - what the adapter cannot handle is refused, naming the feature; the user's model is left as it was;
   - a bf16 model runs; a model dispatched by accelerate (one layer offloaded to disk) gives the same results.
@@ -49,23 +50,6 @@ TOL = 1e-10  # float64: every comparison is a different order of the same float6
 FAMILIES = ("gpt2", "neox", "llama", "qwen2")
 ROTARY = ("neox", "llama", "qwen2")
 L, T, B, VOCAB, H, DH, M = 3, 6, 2, 50, 4, 8, 24
-
-
-def atp_supports_grouped_query_attention():
-    """Does atp_minimal count key/value nodes with config.n_kv_head (one unit per key/value head)?"""
-    cfg = types.SimpleNamespace(n_head=4, n_kv_head=2, d_mlp=8, n_layer=1)
-    return atp.n_units(types.SimpleNamespace(config=cfg), "k") == 2
-
-
-GQA_CORE = atp_supports_grouped_query_attention()
-needs_gqa_core = pytest.mark.skipif(not GQA_CORE, reason="atp_minimal does not yet count key/value nodes per "
-                                                         "key/value head (config.n_kv_head)")
-
-
-def kinds_for(family):
-    """Node kinds a family runs through every atp_minimal function: all, except k and v of the
-    grouped-query Llama while atp_minimal counts them per query head."""
-    return atp.KINDS if family != "llama" or GQA_CORE else ("q", "z", "neuron")
 
 
 # --- models and prompts
@@ -122,13 +106,6 @@ def max_diff(a, b):
         return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
     assert a == b, f"{a} != {b}"
     return 0.0
-
-
-def qk_fix_reference(model, clean, noise, metric, kinds):
-    """The QK fix in its literal form, under either name atp_minimal has used for it."""
-    if hasattr(atp, "atp_qk_fix_reference"):
-        return atp.atp_qk_fix_reference(model, clean, noise, metric, kinds)
-    return atp.atp_estimates_reference(model, clean, noise, metric, kinds, qk_fix=True)
 
 
 # --- the HF modules' own view: plain PyTorch hooks, no adapter
@@ -285,7 +262,7 @@ def test_exact_patching_equals_a_plain_hook_loop_on_the_hf_modules(family):
     (q, k, v at the projections' outputs, z and neurons at the output and down projections' inputs)."""
     hf = small_model(family)
     clean, noise, metric = prompt_pair()
-    kinds = kinds_for(family)
+    kinds = atp.KINDS
     effects = atp.activation_patching(hf_adapter.adapt(hf), clean, noise, metric, kinds=kinds, progress=False)
     worst, count = 0.0, 0
     for kind in kinds:
@@ -347,22 +324,19 @@ def test_patching_a_query_or_key_before_the_rotary_embedding_equals_patching_it_
 def test_fast_forms_equal_reference_forms(family):
     model = hf_adapter.adapt(small_model(family))
     clean, noise, metric = prompt_pair()
-    kinds = kinds_for(family)
-    qk = family != "llama" or GQA_CORE  # the QK fix and AtP* need q and k
+    kinds = atp.KINDS
     rows = {"activation_patching": (atp.activation_patching(model, clean, noise, metric, kinds, progress=False),
                                     atp.activation_patching_reference(model, clean, noise, metric, kinds)),
             "atp_estimates": (atp.atp_estimates(model, clean, noise, metric, kinds),
                               atp.atp_estimates_reference(model, clean, noise, metric, kinds))}
-    if qk:
-        rows["atp_estimates qk_fix"] = (atp.atp_estimates(model, clean, noise, metric, kinds, qk_fix=True),
-                                        qk_fix_reference(model, clean, noise, metric, kinds))
-        rows["atp_star"] = (atp.atp_star(model, clean, noise, metric, kinds),
-                            atp.atp_star_reference(model, clean, noise, metric, kinds))
-    scores = rows["atp_star"][0] if qk else {k: v.abs() for k, v in rows["atp_estimates"][0].items()}
-    ranking, _ = atp.rank_nodes({k: s.mean(0) for k, s in scores.items()})
+    rows["atp_estimates qk_fix"] = (atp.atp_estimates(model, clean, noise, metric, kinds, qk_fix=True),
+                                    atp.atp_qk_fix_reference(model, clean, noise, metric, kinds))
+    rows["atp_star"] = (atp.atp_star(model, clean, noise, metric, kinds),
+                        atp.atp_star_reference(model, clean, noise, metric, kinds))
+    ranking, _ = atp.rank_nodes({k: s.mean(0) for k, s in rows["atp_star"][0].items()})
     rows["verify"] = (atp.verify(model, clean, noise, metric, ranking, 30, progress=False),
                       atp.verify_reference(model, clean, noise, metric, ranking, 30))
-    print(f"\n  {family} ({', '.join(kinds)}):")
+    print(f"\n  {family}:")
     for name, (fast, reference) in rows.items():
         d = max_diff(fast, reference)
         print(f"    {name:22s} fast vs reference: max diff {d:.1e}")
@@ -406,17 +380,50 @@ def test_a_gpt2_gives_model_gpt_results_through_the_adapter_for_every_public_fun
 # --- 5. grouped-query attention
 
 
-@needs_gqa_core
-def test_grouped_query_attention_runs_every_method_with_key_value_heads_as_nodes():
-    model = hf_adapter.adapt(small_model("llama"))
+def llama_with_one_key_value_head_per_query_head(gqa):
+    """The same Llama without grouped-query attention: n_kv_head = n_head, each key/value projection
+    block repeated for the query heads of its group. Its head h is the grouped model's kv head h // group."""
+    cfg = copy.deepcopy(gqa.config)
+    cfg.num_key_value_heads = H
+    twin = transformers.LlamaForCausalLM(cfg).to(torch.float64).eval()
+    weights = gqa.state_dict()
+    for name, w in weights.items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):  # (G * Dh, D) -> (H * Dh, D)
+            G = w.shape[0] // DH
+            weights[name] = w.view(G, DH, -1).repeat_interleave(H // G, dim=0).reshape(H * DH, -1)
+    twin.load_state_dict(weights)
+    return twin
+
+
+def test_a_key_value_head_of_grouped_query_attention_is_its_query_heads_keys_together():
+    """HF's repeat_kv, seen through the adapter: patching key/value head g of the grouped Llama (2 kv
+    heads for 4 query heads) is patching keys (values) of query heads 2g and 2g+1 together in the same
+    model without grouping; AtP and the QK fix of a kv head are the sums over its query heads."""
+    gqa = small_model("llama")
+    grouped, plain = hf_adapter.adapt(gqa), hf_adapter.adapt(llama_with_one_key_value_head_per_query_head(gqa))
     clean, noise, metric = prompt_pair()
-    effects = atp.activation_patching(model, clean, noise, metric, progress=False)
-    assert effects["k"].shape == effects["v"].shape == (B, L, T, 2) and effects["q"].shape == (B, L, T, H)
-    star = atp.atp_star(model, clean, noise, metric)
-    assert star["k"].shape == (B, L, T, 2)
-    assert effects["k"].abs().max() > 0.05 and star["k"].max() > 0.01
-    print(f"\n  llama (4 query, 2 key/value heads): k and v nodes are key/value heads; largest |I(k)| "
-          f"{effects['k'].abs().max():.2f}, largest AtP* key score {star['k'].max():.2f}")
+    with torch.no_grad():
+        logits_diff = max_diff(grouped(clean), plain(clean))
+    effects = atp.activation_patching(grouped, clean, noise, metric, kinds=("k", "v"), progress=False)
+    assert effects["k"].shape == effects["v"].shape == (B, L, T, 2)
+    exact = 0.0
+    for kind in ("k", "v"):
+        for l in range(L):
+            for t in (1, 3, T - 1):
+                for g in range(2):
+                    group = [(kind, l, t, 2 * g), (kind, l, t, 2 * g + 1)]
+                    together = atp.patch_nodes(plain, clean, noise, metric, group)
+                    exact = max(exact, max_diff(effects[kind][:, l, t, g], together))
+    linear = 0.0
+    for qk_fix in (False, True):
+        ours = atp.atp_estimates(grouped, clean, noise, metric, kinds=("k", "v"), qk_fix=qk_fix)
+        summed = atp.atp_estimates(plain, clean, noise, metric, kinds=("k", "v"), qk_fix=qk_fix)
+        linear = max(linear, max_diff(ours, {k: v.view(B, L, T, 2, 2).sum(-1) for k, v in summed.items()}))
+    assert logits_diff <= TOL and exact <= TOL and linear <= TOL
+    assert effects["k"].abs().max() > 0.05
+    print(f"\n  llama, 4 query / 2 kv heads vs its ungrouped twin: logits {logits_diff:.1e}; exact patching of a kv "
+          f"head vs its 2 query heads' keys/values together {exact:.1e}; AtP and QK fix vs sums over the group "
+          f"{linear:.1e}")
 
 
 # --- 6. refusals, and the user's model left as it was
