@@ -339,10 +339,11 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         k = torch.cat([k_past.to(k.device), k], dim=1)  # (B, S, G, Dh), S = P + T
         v = torch.cat([v_past.to(v.device), v], dim=1)
     group = q.shape[2] // k.shape[2]  # query heads per key/value head: head h reads kv head h // group
-    k_all, v_all = (k, v) if group == 1 else (k.repeat_interleave(group, 2), v.repeat_interleave(group, 2))  # (B, S, H, Dh)
+    if group > 1:  # as repeat_kv: (B, S, G, Dh) -> (B, S, H, Dh)
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     T, S = q.shape[1], k.shape[1]
     scale = module.scaling if scaling is None else scaling
-    scores = (q.transpose(1, 2) @ k_all.permute(0, 2, 3, 1)) * scale  # (B, H, T, S)
+    scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale  # (B, H, T, S)
     causal = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)  # key s <= query t
     scores = run_hook(p + "hook_attn_scores", scores.masked_fill(~causal, float("-inf")), hooks)
     # Softmax in the model's dtype (float32 for 16-bit models), never below float32: HF's eager NeoX and
@@ -350,8 +351,8 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
     pattern = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(value.dtype)
     pattern = run_hook(p + "hook_pattern", pattern, hooks)  # (B, H, T, S)
-    weights = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)  # 0 in eval mode
-    z = (weights @ v_all.transpose(1, 2)).transpose(1, 2)  # (B, T, H, Dh): per-head output before W_O
+    weights = torch.nn.functional.dropout(pattern, p=dropout, training=module.training)  # none in eval mode
+    z = (weights @ v.transpose(1, 2)).transpose(1, 2)  # (B, T, H, Dh): per-head output before W_O
     return run_hook(p + "hook_z", z, hooks), pattern
 
 
@@ -481,7 +482,8 @@ def check_site_identities(adapted, T=4):
         model.eval()
         with torch.no_grad():
             logits = adapted(idx, hooks={n: (lambda t, n=n: cache.__setitem__(n, t)) for n in names})
-            own = model(input_ids=idx, use_cache=False, return_dict=True).logits  # the user's implementation
+            own = None if model.config._attn_implementation == ATTENTION else \
+                model(input_ids=idx, use_cache=False, return_dict=True).logits  # the user's own attention
             start = T // 2
             from_zero = adapted.forward_from(0, cache["blocks.0.hook_resid_pre"])
             past = [(cache[f"blocks.{l}.attn.hook_k"][:, :start], cache[f"blocks.{l}.attn.hook_v"][:, :start])
