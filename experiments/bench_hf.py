@@ -3,8 +3,9 @@ What exact patching costs on Hugging Face models through hf_adapter, per node, i
 with forward_from (each patched run resumed at the node's layer and position from cached clean
 activations) and without it (one full forward per patched run, the protocol's plain call).
 
-The unit F is one forward pass (no grad) of the B clean prompts through the adapter, timed right before
-and right after each measurement (their mean is the unit), so that the ratio survives a machine's load.
+The unit F is one forward pass (no grad) of the B clean prompts through the adapter (or model.GPT),
+timed right before and right after each measurement (their mean is the unit), so that the ratio
+survives a machine's load; each ratio is the median of 3 repeats, with their range.
 
 Setup: random float32 weights (no downloads), one torch thread, B=4 prompt pairs of T=16 random token
 ids; the noise prompt differs at positions T/2, 3T/4 and T-2. Metric: logit_diff at the last position.
@@ -15,8 +16,8 @@ Nodes: 12 neurons (evenly spread over d_mlp) at positions T/2 and T-1 in every l
 patched one at a time by atp_minimal.verify (its clean and noise runs included in the cost).
 For the GPT-2 shape, the same weights through model.GPT are timed as well.
 
-    python experiments/bench_hf.py            # about 5 minutes on one CPU core
-    python experiments/bench_hf.py --quick    # 4 neurons per layer and position: about 2 minutes
+    python experiments/bench_hf.py            # about 10 minutes on one CPU core
+    python experiments/bench_hf.py --quick    # 4 neurons per layer and position, 1 repeat: about 1 minute
 """
 
 import argparse
@@ -85,42 +86,55 @@ def time_F(model, clean, repeats=5):
     return statistics.median(times)
 
 
-def per_node_in_F(model, unit_model, clean, noise, metric, nodes):
-    """Seconds per node of atp_minimal.verify on `model`, divided by F of `unit_model` around it."""
-    before = time_F(unit_model, clean)
-    start = time.perf_counter()
-    atp.verify(model, clean, noise, metric, nodes, len(nodes), progress=False)
-    seconds = time.perf_counter() - start
-    F = (before + time_F(unit_model, clean)) / 2
-    return seconds / len(nodes) / F, F
+def per_node_in_F(model, unit_model, clean, noise, metric, nodes, repeats):
+    """Seconds per node of atp_minimal.verify on `model`, divided by F of `unit_model` timed around it:
+    the ratios of `repeats` runs, and the median F."""
+    ratios, units = [], []
+    for _ in range(repeats):
+        before = time_F(unit_model, clean)
+        start = time.perf_counter()
+        atp.verify(model, clean, noise, metric, nodes, len(nodes), progress=False)
+        seconds = time.perf_counter() - start
+        F = (before + time_F(unit_model, clean)) / 2
+        ratios.append(seconds / len(nodes) / F)
+        units.append(F)
+    return ratios, statistics.median(units)
+
+
+def spread(ratios):
+    """'median (low-high)' of a list of ratios."""
+    median = statistics.median(ratios)
+    return f"{median:.3f}" + (f" ({min(ratios):.3f}-{max(ratios):.3f})" if len(ratios) > 1 else "")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 neurons per layer and position instead of 12")
+    parser.add_argument("--quick", action="store_true", help="4 neurons per layer and position instead of 12, "
+                                                                 "1 repeat instead of 3")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    repeats = 1 if args.quick else 3
     rows = []
     for name, hf in models().items():
         adapted = hf_adapter.adapt(hf)
         clean, noise, metric = prompts(adapted.config.vocab_size)
         nodes = neuron_nodes(adapted.config, 4 if args.quick else 12)
-        resumed, F = per_node_in_F(adapted, adapted, clean, noise, metric, nodes)
-        full, _ = per_node_in_F(FullForwards(adapted), adapted, clean, noise, metric, nodes)
-        rows.append((name + " (hf_adapter)", len(nodes), F, full, resumed))
+        candidates = [(name + " (hf_adapter)", adapted)]
         if name.startswith("gpt2"):
             with tempfile.TemporaryDirectory() as d:
                 hf.save_pretrained(d)
-                gpt = GPT.from_pretrained(d)
-            gpt_resumed, gpt_F = per_node_in_F(gpt, gpt, clean, noise, metric, nodes)
-            gpt_full, _ = per_node_in_F(FullForwards(gpt), gpt, clean, noise, metric, nodes)
-            rows.append((name + " (model.GPT)", len(nodes), gpt_F, gpt_full, gpt_resumed))
+                candidates.append((name + " (model.GPT)", GPT.from_pretrained(d)))
+        for label, model in candidates:
+            resumed, F = per_node_in_F(model, model, clean, noise, metric, nodes, repeats)
+            full, _ = per_node_in_F(FullForwards(model), model, clean, noise, metric, nodes, repeats)
+            rows.append((label, len(nodes), F, full, resumed))
     print(f"\nExact patching of single neurons, atp_minimal.verify; float32, B={B}, T={T}, 1 thread, "
-          f"torch {torch.__version__}\n")
+          f"torch {torch.__version__}; F/node: median of {repeats} (range)\n")
     print("| model | nodes | F (ms) | full forwards (F/node) | forward_from (F/node) | speed-up |")
     print("|---|---|---|---|---|---|")
     for name, n, F, full, resumed in rows:
-        print(f"| {name} | {n} | {F * 1e3:.1f} | {full:.3f} | {resumed:.3f} | {full / resumed:.1f}x |")
+        speed_up = statistics.median(full) / statistics.median(resumed)
+        print(f"| {name} | {n} | {F * 1e3:.1f} | {spread(full)} | {spread(resumed)} | {speed_up:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """hf_adapter.py: atp_minimal on Hugging Face transformers models, checked the way model.GPT is.
 
-Small random-weight models of four families, built from a config (no downloads), in float64:
+Small random-weight models of five families, built from a config (no downloads), in float64:
   gpt2:  GPT2LMHeadModel, learned positions, attention then MLP
   neox:  GPTNeoXForCausalLM (Pythia), rotary on a quarter of each head, attention and MLP in parallel
   llama: LlamaForCausalLM with 4 query heads and 2 key/value heads (grouped-query attention)
   qwen2: Qwen2ForCausalLM (biased q/k/v projections, RMSNorm, gated MLP)
+  mistral: MistralForCausalLM without a sliding window, 4 query and 2 key/value heads
 Claims checked:
   - the sites have the protocol's shapes and are the tensors the forward consumes; forward_from's
     suffix logits equal the full forward's;
@@ -47,8 +48,7 @@ except ImportError as e:
     pytest.skip(str(e), allow_module_level=True)
 
 TOL = 1e-10  # float64: every comparison is a different order of the same float64 operations
-FAMILIES = ("gpt2", "neox", "llama", "qwen2")
-ROTARY = ("neox", "llama", "qwen2")
+FAMILIES = ("gpt2", "neox", "llama", "qwen2", "mistral")
 L, T, B, VOCAB, H, DH, M = 3, 6, 2, 50, 4, 8, 24
 
 
@@ -75,6 +75,9 @@ def small_model(family, seed=0, dtype=torch.float64, **overrides):
     elif family == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes, num_key_value_heads=H, **common,
                                                                        **overrides))
+    elif family == "mistral":  # Mistral v0.2 on: no sliding window
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**sizes, num_key_value_heads=2,
+                                                                           sliding_window=None, **common, **overrides))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -183,7 +186,7 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
     hf = small_model(family)
     model = hf_adapter.adapt(hf)
     clean, _, metric = prompt_pair()
-    Hkv = 2 if family == "llama" else H
+    Hkv = 2 if family in ("llama", "mistral") else H
     assert (model.config.n_head, model.config.n_kv_head, model.config.d_head, model.config.d_mlp) == (H, Hkv, DH, M)
     D = H * DH
     shapes = {"hook_resid_pre": (B, T, D), "attn.hook_q": (B, T, H, DH), "attn.hook_k": (B, T, Hkv, DH),
