@@ -18,7 +18,7 @@ heads (H with plain attention; fewer with grouped-query attention), Dh d_head, M
 site (H for q/z, G for k/v, M for neurons), E features per unit (Dh, or 1 for a neuron), N nodes, J node sets.
 
 Nodes (paper §2 Background): a kind in KINDS at (layer, position, unit), written (kind, layer, pos, unit);
-with positions="all" (Part II) a node is a unit at every position at once, (kind, layer, unit). Per-node
+or a unit at every position at once, (kind, layer, unit) (positions="all" in Part II). Per-node
 results are PerPair dicts kind -> (B, L, T, U), prompt pairs first; functions that take a LIST of nodes or
 sets return (N, B) or (J, B). Signed per-pair values are "effects"/"estimates"; rankings (>= 0) "scores".
 
@@ -166,7 +166,10 @@ def overwrite(nodes, new):
     def patch(t):  # (B, T, U, Dh) or (B, T, M)
         t = t.clone()
         for node in nodes:
-            where = (slice(None), node[2], node[3]) if len(node) == 4 else (slice(None), slice(None), node[2])
+            if len(node) == 4:  # (kind, layer, pos, unit)
+                where = (slice(None), node[2], node[3])
+            else:  # (kind, layer, unit): the unit at every position
+                where = (slice(None), slice(None), node[2])
             t[where] = new[where]
         return t
     return patch
@@ -212,20 +215,32 @@ def clean_gradients(model, clean, metric, names):
     return {n: a.detach() for n, a in acts.items()}, grads
 
 
+def atp_runs(model, clean, noise, metric, names):
+    """AtP's two forwards and one backward: (noise activations, clean activations, clean dL/d activation),
+    each {name: tensor} for the sites `names`, detached."""
+    with torch.no_grad():
+        _, noise_acts = run_with_cache(model, noise, names)  # forward 1: the noise run
+    clean_acts, grads = clean_gradients(model, clean, metric, names)  # forward 2 and the backward
+    return noise_acts, clean_acts, grads
+
+
+def delta_dot_grad(noise_act, clean_act, grad):
+    """AtP's estimate for every node of a site: (n(noise) - n(clean)) . dL/dn over each unit's E features.
+    Site tensors (B, T, U, E) or (B, T, M) -> (B, T, U)."""
+    return ((as_units(noise_act) - as_units(clean_act)) * as_units(grad)).sum(-1)
+
+
 def atp_estimates_reference(model, clean, noise, metric, kinds=KINDS):
     """AtP: I_hat(n) = (n(noise) - n(clean)) . dL/dn at the clean run, for every node at once, from two
     forwards and one backward. Signed, per pair: kind -> (B, L, T, U)."""
     kinds = check_inputs(model, clean, noise, kinds)
-    names = [site(k, l) for k in kinds for l in range(model.config.n_layer)]
-    with torch.no_grad():
-        _, noise_acts = run_with_cache(model, noise, names)  # forward 1: the noise run
-    clean_acts, grads = clean_gradients(model, clean, metric, names)  # forward 2 and the backward
+    L = model.config.n_layer
+    names = [site(k, l) for k in kinds for l in range(L)]
+    noise_acts, clean_acts, grads = atp_runs(model, clean, noise, metric, names)  # 2 forwards, 1 backward
     estimates = {}
     for k in kinds:
-        per_layer = []
-        for l in range(model.config.n_layer):
-            delta = as_units(noise_acts[site(k, l)] - clean_acts[site(k, l)])  # (B, T, U, E)
-            per_layer.append((delta * as_units(grads[site(k, l)])).sum(-1))  # (B, T, U): Delta n . dL/dn
+        per_layer = [delta_dot_grad(noise_acts[site(k, l)], clean_acts[site(k, l)], grads[site(k, l)])
+                     for l in range(L)]  # each (B, T, U): Delta n . dL/dn
         estimates[k] = torch.stack(per_layer, 1)  # (B, L, T, U)
     return PerPair(estimates)
 
@@ -241,7 +256,7 @@ def per_query_head(k, H):
 
 def causal_scores(q, k, scale):
     """Attention scores (B, H, T, S) = q_t . k_s * scale, with -inf where key s > query t.
-    q: (B, T, H, Dh); k: (B, S, G, Dh), G key-value heads."""
+    q: (B, T, H, Dh); k: (B, S, G, Dh), G key-value heads; S = T (one sequence attending to itself)."""
     k = per_query_head(k, q.shape[2])  # (B, S, H, Dh)
     T = q.shape[1]
     scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale  # (B, H, T, Dh) @ (B, H, Dh, S)
@@ -272,30 +287,36 @@ def key_fix_reference(q_clean, k_clean, k_noise, G, scale):
         per_query = ((torch.softmax(row, -1) - a) * G).sum(-1)  # (B, H, T): dI_t(k_s)
         per_head[..., s] = per_query[..., s:].sum(-1)  # the queries t >= s that see key s
     B, H, S = per_head.shape
-    return per_head.view(B, k_clean.shape[2], H // k_clean.shape[2], S).sum(2).transpose(1, 2)  # (B, S, G)
+    G_kv = k_clean.shape[2]
+    per_group = per_head.view(B, G_kv, H // G_kv, S)  # (B, G, H/G, S): the query heads of each group
+    return per_group.sum(2).transpose(1, 2)  # (B, S, G)
 
 
 def atp_qk_fix_reference(model, clean, noise, metric, kinds=KINDS):
     """AtP with the QK fix: q and k nodes get query_fix and key_fix_reference, with G = dL/dpattern from
-    the clean backward pass and the model's own attention scale; other kinds keep AtP. (B, L, T, U)."""
+    the clean backward pass and the model's own attention scale; other kinds keep AtP's estimate. The
+    same two forwards and one backward as AtP. Signed, per pair: kind -> (B, L, T, U)."""
     kinds = check_inputs(model, clean, noise, kinds)
-    others = [k for k in kinds if k not in ("q", "k")]
-    estimates = dict(atp_estimates_reference(model, clean, noise, metric, others)) if others else {}
     L = model.config.n_layer
     qk = [site(x, l) for l in range(L) for x in ("q", "k")]
     patterns = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
-    with torch.no_grad():
-        _, noise_acts = run_with_cache(model, noise, qk)
-    clean_acts, grads = clean_gradients(model, clean, metric, qk + patterns)
-    for kind in [k for k in kinds if k in ("q", "k")]:
+    nodes = [site(k, l) for k in kinds for l in range(L)]
+    noise_acts, clean_acts, grads = atp_runs(model, clean, noise, metric, nodes + qk + patterns)
+    estimates = {}
+    for kind in kinds:
         per_layer = []
         for l in range(L):
-            q_c, k_c, G, scale = clean_acts[site("q", l)], clean_acts[site("k", l)], grads[patterns[l]], \
-                model.attention_scale(l)
-            per_layer.append(query_fix(q_c, noise_acts[site("q", l)], k_c, G, scale) if kind == "q"
-                             else key_fix_reference(q_c, k_c, noise_acts[site("k", l)], G, scale))
+            q_c, k_c, G = clean_acts[site("q", l)], clean_acts[site("k", l)], grads[patterns[l]]
+            scale = model.attention_scale(l)
+            if kind == "q":
+                per_layer.append(query_fix(q_c, noise_acts[site("q", l)], k_c, G, scale))  # (B, T, H)
+            elif kind == "k":
+                per_layer.append(key_fix_reference(q_c, k_c, noise_acts[site("k", l)], G, scale))  # (B, S, G)
+            else:
+                per_layer.append(delta_dot_grad(noise_acts[site(kind, l)], clean_acts[site(kind, l)],
+                                                grads[site(kind, l)]))  # (B, T, U)
         estimates[kind] = torch.stack(per_layer, 1)  # (B, L, T, U)
-    return PerPair({k: estimates[k] for k in kinds})
+    return PerPair(estimates)
 
 
 # --- GradDrop (paper §3 Methods: cancellation). Dropout on the backward pass: stop the gradient through
@@ -324,8 +345,18 @@ class GradientDropped(torch.nn.Module):
         return self.model.attention_scale(layer)
 
     def forward(self, idx, hooks=None):
-        stop = {w: (lambda t: t.detach()) for w in self.writes}  # same value, no gradient
-        return self.model(idx, hooks={**stop, **(hooks or {})})
+        hooks = dict(hooks or {})
+        for w in self.writes:
+            hooks[w] = stop_gradient(hooks.get(w))
+        return self.model(idx, hooks=hooks)
+
+
+def stop_gradient(inner=None):
+    """A hook returning its tensor (after the hook `inner`, if given) detached: same value, no gradient."""
+    def hook(t):
+        out = inner(t) if inner is not None else None
+        return (t if out is None else out).detach()
+    return hook
 
 
 def grad_drop_scores_reference(model, clean, noise, metric, kinds=KINDS, unit="layer",
@@ -352,7 +383,7 @@ def atp_star_reference(model, clean, noise, metric, kinds=KINDS, unit="layer"):
     return grad_drop_scores_reference(model, clean, noise, metric, kinds, unit, atp_qk_fix_reference)
 
 
-# --- rank, verify, and bound what is left (paper §3 Methods: the diagnostic; §5 Discussion)
+# --- rank, verify, and bound what is left (paper §3 Methods: the diagnostic)
 
 def rank_nodes(scores, descending=True):
     """scores: kind -> (L, T, U) or (L, U), one value per node. Returns the node list sorted by score,
@@ -365,7 +396,8 @@ def rank_nodes(scores, descending=True):
 
 
 def node_label(node):
-    """('k', 2, 7, 3) -> 'k L2 H3 @7'; ('neuron', 1, 4, 99) -> 'neuron L1 N99 @4'."""
+    """('k', 2, 7, 3) -> 'k L2 H3 @7'; ('neuron', 1, 4, 99) -> 'neuron L1 N99 @4'. For k and v the head is a
+    key-value head (the same as a query head without grouped-query attention)."""
     kind, layer, *rest = node
     where = f" @{rest[0]}" if len(rest) == 2 else ""
     return f"{kind} L{layer} {'N' if kind == 'neuron' else 'H'}{rest[-1]}{where}"
@@ -395,7 +427,8 @@ def draw_subsets(n_samples, n_nodes, p, seed=0):
 def subset_sampling_reference(model, clean, noise, metric, nodes, p, n_samples, seed=0):
     """Subset sampling (paper Algorithm 1): n_samples random subsets of `nodes`, each node in with
     probability p, each patched jointly in one forward. Returns (member (J, N) bool, y (J,)), where
-    y = mean over prompt pairs of metric(clean | do(subset <- noise)) - metric(clean)."""
+    y = mean over prompt pairs of metric(clean | do(subset <- noise)) - metric(clean). (Algorithm 1 draws
+    one pair per sample; here each subset is patched in all B pairs: the same for a single pair.)"""
     nodes = check_nodes(model, clean.shape[1], nodes)
     member = draw_subsets(n_samples, len(nodes), p, seed)  # (J, N)
     subsets = [[n for n, m in zip(nodes, row) if m] for row in member]
@@ -425,7 +458,7 @@ def subset_statistics(member, y):
 
 
 def welch_bound_reference(c_ss, se, df, alpha=0.05, theta=None):
-    """theta* = max_n |c_ss(n)| + t_{1-alpha, df_n} se_n, the level-(1-alpha) upper confidence bound on the
+    """theta* = max_n [|c_ss(n)| + t_{1-alpha, df_n} se_n], the level-(1-alpha) upper confidence bound on the
     largest unverified |c(n)|; the index of the node that sets it; and, if theta is given, the p-value of
     H0 "some node has |c(n)| >= theta": max_n P(T_df_n > (theta - |c_ss(n)|) / se_n), the least favourable
     null being c(n) = theta sign(c_ss(n)) (an intersection-union test: no multiple-testing correction)."""
@@ -456,19 +489,20 @@ def false_negative_bound_reference(model, clean, noise, metric, ranking, K, p=0.
     member, y = subset_sampling_reference(model, clean, noise, metric, rest, p, n_samples, seed)
     c_ss, se, df = subset_statistics(member, y)
     bound = welch_bound_reference(c_ss, se, df, alpha, theta)  # (theta*, index of the worst node, p-value)
-    return bound_result(verified, effects, rest, alpha, theta, c_ss, se, df, bound)
+    return bound_result(verified, effects, rest, alpha, theta, (c_ss, se, df), bound)
 
 
-def bound_result(verified, effects, rest, alpha, theta, c_ss=None, se=None, df=None, bound=None):
-    """The dict false_negative_bound returns (with nothing left unverified: theta* = 0, p = 0)."""
-    if bound is None:
-        bound, c_ss = (0.0, None, 0.0 if theta is not None else None), torch.zeros(0)
-        se = df = c_ss
-    theta_star, worst, p_value = bound
-    return dict(verified=verified, verified_effects=effects.mean(1), unverified=rest, theta=theta,
-                alpha=alpha, theta_star=theta_star, worst_node=None if worst is None else rest[worst],
-                p_value=p_value,
-                c_ss=c_ss, se=se, df=df)
+def bound_result(verified, effects, rest, alpha, theta, statistics=None, bound=None):
+    """The dict the diagnostic returns. statistics: (c_ss, se, df) on the unverified nodes; bound: the Welch
+    bound's (theta*, index of the worst node, p-value). None when nothing is left: then theta* = 0 (p = 0)."""
+    result = dict(verified=verified, verified_effects=effects.mean(1), unverified=rest, theta=theta,
+                  alpha=alpha)
+    if bound is None:  # everything verified: nothing can hide
+        return dict(result, theta_star=0.0, worst_node=None, p_value=None if theta is None else 0.0,
+                    c_ss=torch.zeros(0), se=torch.zeros(0), df=torch.zeros(0))
+    (c_ss, se, df), (theta_star, worst, p_value) = statistics, bound
+    return dict(result, theta_star=theta_star, worst_node=rest[worst], p_value=p_value, c_ss=c_ss, se=se,
+                df=df)
 
 
 # ==================================================================================================
@@ -937,7 +971,7 @@ def false_negative_bound(model, clean, noise, metric, ranking, K, p=0.1, n_sampl
     member, y = subset_sampling(model, clean, noise, metric, rest, p, n_samples, seed, chunk_size, progress)
     c_ss, se, df = subset_statistics(member, y)
     bound = welch_bound(c_ss, se, df, alpha, theta)  # (theta*, index of the worst node, p-value)
-    return bound_result(verified, effects, rest, alpha, theta, c_ss, se, df, bound)
+    return bound_result(verified, effects, rest, alpha, theta, (c_ss, se, df), bound)
 
 
 # ==================================================================================================

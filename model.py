@@ -72,7 +72,8 @@ class GPTConfig:
                 raise ValueError(f"config.json has {key}={hf[key]!r}; model.py implements GPT-2 with "
                                  f"{key}={want!r} ({what}) only")
         if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"config.json is for model_type={hf['model_type']!r}; model.py implements gpt2 only")
+            raise ValueError(f"config.json is for model_type={hf['model_type']!r}; model.py implements gpt2 "
+                             "only")
         return cls(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                    n_positions=hf["n_positions"], vocab_size=hf["vocab_size"],
                    layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), n_inner=hf.get("n_inner"))
@@ -201,7 +202,9 @@ class GPT(nn.Module):
         ))
         nn.init.normal_(self.transformer.wte.weight, std=0.02)
         nn.init.normal_(self.transformer.wpe.weight, std=0.01)
-        self.eval()  # this code never trains, and GPT-2 has no dropout here to switch off anyway
+        # model.py is forward-only: it has no training loop and no dropout, so train and eval mode compute
+        # the same. (toy_ioi.py trains a GPT through this forward pass with autograd.)
+        self.eval()
 
     def site_names(self) -> List[str]:
         """Every hookable site, in forward order."""
@@ -221,7 +224,8 @@ class GPT(nn.Module):
             raise ValueError("token ids must be an integer tensor of shape (B, T)")
         T = idx.shape[1]
         if T == 0 or T > self.config.n_positions:
-            raise ValueError(f"sequence length {T} must be between 1 and n_positions={self.config.n_positions}")
+            raise ValueError(f"sequence length {T} must be between 1 and "
+                             f"n_positions={self.config.n_positions}")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); "
                              f"got min {int(idx.min())}, max {int(idx.max())}")
@@ -237,7 +241,8 @@ class GPT(nn.Module):
             raise KeyError(f"unknown hook site(s) {unknown}; model.site_names() lists the valid ones")
         not_callable = sorted(name for name, fn in hooks.items() if not callable(fn))
         if not_callable:
-            raise TypeError(f"the hooks for {not_callable} are not callable: each must be fn(tensor) -> tensor or None")
+            raise TypeError(f"the hooks for {not_callable} are not callable: each must be "
+                            "fn(tensor) -> tensor or None")
 
     def attention_scale(self, layer: int) -> float:
         """The factor in scores = (q . k) * scale: 1/sqrt(d_head) in every layer of GPT-2."""
@@ -288,7 +293,8 @@ class GPT(nn.Module):
         directory = path_or_name if os.path.isdir(path_or_name) else _download(path_or_name)
         config_path = os.path.join(directory, "config.json")
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{directory} has no config.json; expected a Hugging Face GPT-2 directory")
+            raise FileNotFoundError(f"{directory} has no config.json; expected a Hugging Face GPT-2 "
+                                    "directory")
         try:
             with open(config_path) as f:
                 hf = json.load(f)
@@ -338,12 +344,14 @@ def _read_weights(directory: str) -> Dict[str, torch.Tensor]:
         try:
             return load_file(st)
         except Exception as e:  # truncated or not a safetensors file at all
-            raise ValueError(f"{st} could not be read as a safetensors file ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{st} could not be read as a safetensors file "
+                             f"({type(e).__name__}: {e})") from None
     if os.path.isfile(bin_):
         try:
             sd = torch.load(bin_, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated, garbage, or a pickle of something other than tensors
-            raise ValueError(f"{bin_} could not be read as a PyTorch state_dict ({type(e).__name__})") from None
+            raise ValueError(f"{bin_} could not be read as a PyTorch state_dict "
+                             f"({type(e).__name__})") from None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise ValueError(f"{bin_} does not hold a state_dict of tensors")
         return sd
@@ -381,7 +389,8 @@ def get_tokenizer():
         data = f.read()
     if hashlib.sha256(data).hexdigest() != TOKENIZER_SHA256:
         raise ValueError(f"{TOKENIZER_FILE} is corrupt (sha256 mismatch)")
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+    ranks = {base64.b64decode(tok): int(rank)  # each line: "<base64 token> <rank>"
+             for tok, rank in (line.split() for line in data.splitlines() if line)}
     return tiktoken.Encoding(
         name="gpt2",
         # GPT-2's pre-tokenisation regex, as tiktoken writes it for r50k_base

@@ -7,7 +7,8 @@ in seconds on a CPU, with no download. Its attention saturates (some heads put >
 one key), which is the failure mode the paper's QK fix is for.
 
 References:
-1) the AtP* paper: Kramar, Lieberum, Shah, Nanda (2024), https://arxiv.org/abs/2403.00745 (§4 Experiments, IOI-PP)
+1) the AtP* paper: Kramar, Lieberum, Shah, Nanda (2024), https://arxiv.org/abs/2403.00745
+   (§4 Experiments, IOI-PP)
 2) the IOI task: Wang et al. (2022), https://arxiv.org/abs/2211.00593
 
 The task. The vocabulary is word-level: every word and every punctuation mark is one token, and each
@@ -38,11 +39,14 @@ every template) is test data, and the training split never sees these two names 
 ordered pairs instead would not test generalisation: the model sees (Y, X) in training and memorises it.
 
 Usage:
-    python toy_ioi.py                  # retrain and write toy_model/ (~45 s on 2 idle CPU cores)
+    python toy_ioi.py                  # retrain and write out/toy_model/ (git-ignored; ~45 s on 2 idle
+                                       # CPU cores)
     python toy_ioi.py --out DIR        # write the checkpoint somewhere else
+    python toy_ioi.py --out toy_model  # rewrite the shipped checkpoint (every number in the repository
+                                       # comes from it: see the README before doing this)
     python toy_ioi.py --seed N         # try another training seed
     python toy_ioi.py --n-layer 8 --d-model 64 --lr 1e-3 --steps 1200 --out DIR   # another recipe
-                                       # (depth_study.py trains its models this way)
+                                       # (experiments/depth_study.py trains its models this way)
 """
 
 import argparse
@@ -60,7 +64,8 @@ import torch.nn.functional as F
 from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOY_MODEL_DIR = os.path.join(HERE, "toy_model")
+TOY_MODEL_DIR = os.path.join(HERE, "toy_model")  # the shipped checkpoint, read by load_toy_model()
+RETRAIN_DIR = os.path.join(HERE, "out", "toy_model")  # where `python toy_ioi.py` writes (git-ignored)
 
 # --- the vocabulary and the templates
 
@@ -129,7 +134,8 @@ def all_pairs(split: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
             for n1, n2 in ((io, s), (s, io)):  # ABBA, then BABA
                 for template in TEMPLATES:
                     clean.append(encode(template.format(N1=n1, N2=n2, S=s)))
-                    noise.append(encode(template.format(N1=n1, N2=n2, S=io)))  # subject switched: answer flips
+                    # the subject switched to the other name: the answer flips
+                    noise.append(encode(template.format(N1=n1, N2=n2, S=io)))
                     answer.append(TOKEN_ID[io])
                     wrong.append(TOKEN_ID[s])
     return torch.tensor(clean), torch.tensor(noise), torch.tensor(answer), torch.tensor(wrong)
@@ -224,7 +230,8 @@ def load_toy_model(path: str = TOY_MODEL_DIR) -> GPT:
     """The trained toy model, loaded through the same loader as real GPT-2 checkpoints."""
     model = GPT.from_pretrained(path)
     if model.config.vocab_size != len(VOCAB):
-        raise ValueError(f"{path} has vocab_size {model.config.vocab_size}, the toy vocabulary has {len(VOCAB)}")
+        raise ValueError(f"{path} has vocab_size {model.config.vocab_size}, the toy vocabulary has "
+                         f"{len(VOCAB)}")
     return model
 
 
@@ -250,11 +257,13 @@ def check_saved(model: GPT, out_dir: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the toy IOI model and write its checkpoint. The "
                                      "defaults are the shipped model's recipe.")
-    parser.add_argument("--out", default=TOY_MODEL_DIR, help="output directory (default: toy_model/)")
+    parser.add_argument("--out", default=RETRAIN_DIR, help="output directory (default: out/toy_model/; "
+                        "--out toy_model replaces the shipped checkpoint)")
     parser.add_argument("--seed", type=int, default=TRAIN_SEED, help="training seed")
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps")
     parser.add_argument("--n-layer", type=int, default=CONFIG.n_layer, help="transformer blocks")
-    parser.add_argument("--d-model", type=int, default=CONFIG.n_embd, help="residual width (n_embd; d_mlp = 4x)")
+    parser.add_argument("--d-model", type=int, default=CONFIG.n_embd,
+                        help="residual width (n_embd; d_mlp = 4x)")
     parser.add_argument("--n-head", type=int, default=CONFIG.n_head, help="attention heads per layer")
     parser.add_argument("--lr", type=float, default=LR, help="AdamW learning rate")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="prompts per step")
@@ -271,6 +280,9 @@ def main(argv=None):
     # arithmetic on them is very slow: steps 100-175 ran at 1-3 s instead of 0.1 s. Flushing them to zero
     # cuts training from ~4.5 min to ~45 s and leaves this checkpoint bit-for-bit the same.
     torch.set_flush_denormal(True)
+    if os.path.exists(os.path.join(args.out, "model.safetensors")):  # said before training, not after
+        print(f"{args.out} holds a checkpoint: this run replaces it if the model reaches "
+              f"{args.min_accuracy:.0%} held-out accuracy")
     print(f"{len(VOCAB)} tokens, {len(NAMES)} names, {len(TEMPLATES)} templates, T={T}; "
           f"{len(name_pairs('train'))} train / {len(name_pairs('test'))} test name pairs")
     print("example clean:", decode(make_pairs(1)[0][0]))
@@ -281,8 +293,8 @@ def main(argv=None):
     train_acc, test_acc = accuracy(model, "train"), accuracy(model, "test")
     print(f"accuracy: train {train_acc:.4f}, held-out {test_acc:.4f}")
     if test_acc < args.min_accuracy:  # checked before saving: a failed run never overwrites a good checkpoint
-        sys.exit(f"held-out accuracy {test_acc:.4f} < {args.min_accuracy}: this seed did not converge (nothing "
-                 f"written); try another --seed")
+        sys.exit(f"held-out accuracy {test_acc:.4f} < {args.min_accuracy}: this seed did not converge "
+                 f"(nothing written); try another --seed")
     save(model, args.out)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"wrote {args.out} ({size / 1e6:.2f} MB)")

@@ -21,16 +21,14 @@ Run `pytest -s tests/test_atp.py` to read the evidence each test prints.
 """
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import atp_minimal as atp  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from whole_positions import whole_position_atp, whole_position_estimates  # noqa: E402
+import atp_minimal as atp
+from helpers import max_diff, random_gpt
+from model import GPT, GPTConfig
+from whole_positions import whole_position_atp, whole_position_estimates
 
 
 # (tests/conftest.py runs every test on one torch thread: the tensors here are tiny)
@@ -49,27 +47,7 @@ REL_TOL = 1e-13  # relative, for hand-worked identities such as (L-1)|x|/(L-1) =
 
 ATTN = ("q", "k", "v", "z")
 
-# --- helpers: models, prompts, caches
-
-
-def random_gpt(seed, n_layer=2, n_head=2, n_embd=16, vocab_size=20, n_positions=8, n_inner=24, std=0.4):
-    """A float64 GPT-2 whose every weight is re-drawn large (std ~0.3-1), so attention is often
-    saturated, GELUs are curved and every node has a non-trivial effect."""
-    torch.manual_seed(seed)
-    cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                    n_positions=n_positions, n_inner=n_inner)
-    model = GPT(cfg).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))  # layer-norm gains near 1
-            elif p.dim() == 1:
-                p.copy_(0.3 * torch.randn_like(p))  # biases and layer-norm shifts
-            elif "wte" in name or "wpe" in name:
-                p.copy_(torch.randn_like(p))  # embeddings: unit scale
-            else:
-                p.copy_(std * torch.randn_like(p))
-    return model.eval()
+# --- helpers: models, prompts, caches (random_gpt and max_diff are in tests/helpers.py)
 
 
 def prompts(model, B=2, T=5, seed=0):
@@ -105,10 +83,6 @@ def dot_over_features(delta, grad):
     """Delta . g over the node's own feature axis: (B, T, H, Dh) -> (B, T, H); neurons (B, T, M) stay."""
     prod = delta * grad
     return prod.sum(-1) if prod.dim() == 4 else prod
-
-
-def max_abs(a, b):
-    return (a - b).abs().max().item()
 
 
 def no_final_ln(model):
@@ -230,7 +204,7 @@ def test_atp_equals_the_directional_derivative_along_delta_for_every_kind():
                 values = metric(model(clean.repeat(2 * T * U, 1), hooks={name: lambda x: x + steps}))
             plus, minus = values.view(2, T, U, B)
             fd[:, l] = ((plus - minus) / (2 * FD_EPS)).permute(2, 0, 1)  # d/de metric(n_c + e Delta)
-        diff = max_abs(est[kind], fd)
+        diff = max_diff(est[kind], fd)
         print(f"  {kind:6s}: max |AtP - finite difference| = {diff:.2e}   (max |AtP| = {est[kind].abs().max():.3f})")
         assert diff < FD_TOL
 
@@ -244,9 +218,9 @@ def test_atp_equals_exact_patching_where_the_model_is_linear_in_the_node():
     L = model.config.n_layer
     est = atp.attribution_patching(model, clean, noise, metric, kinds=("neuron",))["neuron"]
     true = atp.activation_patching(model, clean, noise, metric, kinds=("neuron",))["neuron"]
-    diff = max_abs(est[:, L - 1], true[:, L - 1])
+    diff = max_diff(est[:, L - 1], true[:, L - 1])
     print(f"  last-layer neurons: max |AtP - exact| = {diff:.2e}  (max |effect| {true[:, L - 1].abs().max():.3f});"
-          f" layer 0, not linear: {max_abs(est[:, 0], true[:, 0]):.2e}")
+          f" layer 0, not linear: {max_diff(est[:, 0], true[:, 0]):.2e}")
     assert diff < EXACT_TOL
     # GPT-2 blocks are sequential: the last MLP reads the attention output, so v and z of the last
     # layer are linear only once that MLP's write is removed (then z -> c_proj -> logits, v -> z linear).
@@ -254,7 +228,7 @@ def test_atp_equals_exact_patching_where_the_model_is_linear_in_the_node():
     est = atp.attribution_patching(model, clean, noise, metric, kinds=("v", "z"))
     true = atp.activation_patching(model, clean, noise, metric, kinds=("v", "z"))
     for kind in ("v", "z"):
-        diff = max_abs(est[kind][:, L - 1], true[kind][:, L - 1])
+        diff = max_diff(est[kind][:, L - 1], true[kind][:, L - 1])
         print(f"  last-layer {kind} (last MLP write removed): max |AtP - exact| = {diff:.2e}"
               f"  (max |effect| {true[kind][:, L - 1].abs().max():.3f})")
         assert diff < EXACT_TOL
@@ -277,12 +251,12 @@ def test_fast_qk_fix_equals_the_literal_softmax_recomputation_in_a_model(positio
     for kind in ("q", "k"):
         want = atp.atp_qk_fix_reference(model, clean, noise, metric, (kind,))[kind] if positions == "each" else \
             whole_position_estimates(model, clean, noise, metric, (kind,))[kind]
-        diff = max_abs(est[kind], want)
+        diff = max_diff(est[kind], want)
         alone = atp.attribution_patching(model, clean, noise, metric, kinds=(kind,), qk_fix=True,
                                          positions=positions)[kind]  # asking for one kind changes nothing
         print(f"  {kind} positions={positions}: max |QK fix - literal QK fix| = {diff:.2e}"
-              f"  (max |estimate| {want.abs().max():.3f}); kinds=('{kind}',) alone: {max_abs(alone, want):.2e}")
-        assert diff < QK_TOL and max_abs(alone, want) < QK_TOL
+              f"  (max |estimate| {want.abs().max():.3f}); kinds=('{kind}',) alone: {max_diff(alone, want):.2e}")
+        assert diff < QK_TOL and max_diff(alone, want) < QK_TOL
 
 
 def extreme_score_cases(T=7, B=2, H=3):
@@ -333,7 +307,7 @@ def test_fast_key_fix_equals_the_literal_key_fix_on_extreme_rows(case):
         else:  # every key moved at once: the fast form IS the literal recomputation; check it is finite
             kf = kw = atp.key_fix_all_positions(q_c, k_c, k_n, G, scale)
         qf = atp.query_fix(q_c, q_n, k_c, G, scale)
-        dk = max_abs(kf, kw)
+        dk = max_diff(kf, kw)
         print(f"    positions={positions}: fast key fix - literal key fix: max diff {dk:.2e} (max |est| "
               f"{kw.abs().max():.2f}); query fix finite: {bool(torch.isfinite(qf).all())}")
         assert torch.isfinite(kf).all() and torch.isfinite(kw).all() and torch.isfinite(qf).all()
@@ -375,7 +349,7 @@ def test_qk_fixed_estimates_equal_exact_patching_in_a_one_layer_attention_only_m
         plain = atp.attribution_patching(model, clean, noise, metric, kinds=ATTN)
         print(f"  metric: {mname}")
         for kind in ATTN:
-            d_fixed, d_plain = max_abs(fixed[kind], true[kind]), max_abs(plain[kind], true[kind])
+            d_fixed, d_plain = max_diff(fixed[kind], true[kind]), max_diff(plain[kind], true[kind])
             print(f"    {kind}: max |effect| {true[kind].abs().max():.3f}   QK-fixed off by {d_fixed:.2e}"
                   f"   plain AtP off by {d_plain:.3f}")
             assert d_fixed < ONE_LAYER_TOL
@@ -455,7 +429,7 @@ def test_fast_grad_drop_equals_the_literal_detach_per_layer_form(positions):
             estimates = whole_position_estimates if qk else whole_position_atp
         want = atp.grad_drop_scores_reference(model, clean, noise, metric, atp.KINDS, estimates=estimates)
         for kind in atp.KINDS:
-            diff = max_abs(got[kind], want[kind])
+            diff = max_diff(got[kind], want[kind])
             print(f"  qk_fix={qk!s:5s} {kind:6s} positions={positions}: max |GradDrop - literal| = {diff:.2e}"
                   f"  (max score {want[kind].max():.3f})")
             assert diff < GRAD_DROP_TOL
@@ -493,7 +467,7 @@ def test_grad_drop_arithmetic_on_hand_worked_cases():
     for kind in atp.KINDS:
         want = {0: (drop1[kind][:, 0].abs() + 2 * plain[kind][:, 0].abs()) / 3, 1: plain[kind][:, 1].abs(),
                 2: torch.zeros_like(plain[kind][:, 2]), 3: torch.zeros_like(plain[kind][:, 3])}
-        diffs = [max_abs(drop[kind][:, l], want[l]) for l in range(4)]
+        diffs = [max_diff(drop[kind][:, l], want[l]) for l in range(4)]
         print(f"  inert layers 2-3, {kind:6s}: max diff per layer {['%.1e' % d for d in diffs]}"
               f"  (layer-0: |AtP| {plain[kind][:, 0].abs().max():.3f} vs score {drop[kind][:, 0].max():.3f})")
         assert max(diffs) < GRAD_DROP_TOL
@@ -530,7 +504,7 @@ def test_batched_results_equal_one_pair_at_a_time():
             worst = 0.0
             for i in range(3):
                 alone = call(clean[i:i + 1], noise[i:i + 1], single(i), positions)
-                worst = max(worst, max(max_abs(batched[k][i:i + 1], alone[k]) for k in atp.KINDS))
+                worst = max(worst, max(max_diff(batched[k][i:i + 1], alone[k]) for k in atp.KINDS))
             print(f"  {name:32s} positions={positions}: max |batched - alone| = {worst:.1e}")
             assert worst < BATCH_TOL
 
@@ -544,7 +518,7 @@ def test_activation_patching_does_not_depend_on_chunk_size():
         for chunk in (1, 5):
             other = atp.activation_patching(model, clean, noise, metric, positions=positions, chunk_size=chunk,
                                             progress=False)
-            diff = max(max_abs(ref[k], other[k]) for k in atp.KINDS)
+            diff = max(max_diff(ref[k], other[k]) for k in atp.KINDS)
             print(f"  positions={positions} chunk_size={chunk} vs 1000: max diff {diff:.1e}")
             assert diff < BATCH_TOL
 
@@ -561,7 +535,7 @@ def test_whole_position_patching_equals_patching_every_position_with_a_hook():
                             for l in range(model.config.n_layer)], 1)  # (B, L, U)
         # single-position nodes, spot-checked with the same hook
         spot = atp.patch_nodes(model, clean, noise, metric, [(kind, 1, 2, 1)])
-        diff, spot_diff = max_abs(got[kind], want), max_abs(each[kind][:, 1, 2, 1], spot)
+        diff, spot_diff = max_diff(got[kind], want), max_diff(each[kind][:, 1, 2, 1], spot)
         print(f"  {kind:6s}: positions='all' vs own hook {diff:.1e}; one 'each' node vs own hook {spot_diff:.1e}")
         assert diff < BATCH_TOL and spot_diff < BATCH_TOL
 
@@ -582,7 +556,7 @@ def test_patch_node_sets_with_one_node_per_set_equals_activation_patching():
             want.append(effects[k].reshape(effects[k].shape[0], -1)[:, flat])
             i += 1
     got = atp.patch_node_sets(model, clean, noise, metric, masks, chunk_size=64)  # (S, B)
-    diff = max_abs(got, torch.stack(want))
+    diff = max_diff(got, torch.stack(want))
     print(f"  {S} single-node sets: max |patch_node_sets - activation_patching| = {diff:.1e}")
     assert diff < BATCH_TOL
     # whole-position nodes: masks (S, L, U) patch a unit at every position
@@ -596,7 +570,7 @@ def test_patch_node_sets_with_one_node_per_set_equals_activation_patching():
             masks[k][i].view(-1)[flat] = True
             want.append(effects[k].reshape(effects[k].shape[0], -1)[:, flat])
             i += 1
-    diff = max_abs(atp.patch_node_sets(model, clean, noise, metric, masks), torch.stack(want))
+    diff = max_diff(atp.patch_node_sets(model, clean, noise, metric, masks), torch.stack(want))
     print(f"  {S} single whole-position nodes: max |patch_node_sets - activation_patching(all)| = {diff:.1e}")
     assert diff < BATCH_TOL
 
@@ -663,8 +637,8 @@ def test_metrics_compute_what_their_names_say():
     want = torch.stack([logits[b, 2, a] - logits[b, 2, 4] for b, a in enumerate([1, 2, 3])])
     nlp = atp.neg_log_prob(6)(logits)
     want_nlp = torch.stack([-(logits[b, -1, 6] - logits[b, -1].exp().sum().log()) for b in range(3)])
-    print(f"  logit_diff(position=2) max diff {max_abs(ld, want):.1e}; neg_log_prob max diff {max_abs(nlp, want_nlp):.1e}")
-    assert max_abs(ld, want) == 0 and max_abs(nlp, want_nlp) < 1e-14
+    print(f"  logit_diff(position=2) max diff {max_diff(ld, want):.1e}; neg_log_prob max diff {max_diff(nlp, want_nlp):.1e}")
+    assert max_diff(ld, want) == 0 and max_diff(nlp, want_nlp) < 1e-14
 
 
 # --- 8. bad input
@@ -715,7 +689,7 @@ def test_a_model_in_training_mode_gives_eval_numbers_and_keeps_its_mode():
         model.train()
         got = call()
         assert model.training, f"{name} left the model in eval mode"
-        diff = max(max_abs(ref[k], got[k]) for k in atp.KINDS)
+        diff = max(max_diff(ref[k], got[k]) for k in atp.KINDS)
         print(f"  {name:22s}: train-mode vs eval-mode max diff {diff:.1e}; mode restored")
         assert diff == 0
     model.eval()

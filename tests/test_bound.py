@@ -4,15 +4,12 @@ Run with `pytest -s tests/test_bound.py` to see the evidence each test prints.""
 
 import itertools
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import atp_minimal as atp  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+import atp_minimal as atp
+from model import GPT, GPTConfig
 
 ALPHA = 0.05
 

@@ -1,19 +1,18 @@
-"""Tests for compare_methods.py: the baselines on planted additive effects (no model needed), the cost
-of verified recall and the relative cost on hand-computed examples, the counted costs, and a small
-end-to-end run on a random tiny GPT. Run `pytest -s tests/test_compare_methods.py` to see the evidence.
+"""Tests for experiments/compare_methods.py: the baselines on planted additive effects (no model needed),
+the cost of verified recall and the relative cost on hand-computed examples, the counted costs, and a
+small end-to-end run on a random tiny GPT. Run `pytest -s tests/test_compare_methods.py` to see the
+evidence.
 """
 
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import atp_minimal as atp  # noqa: E402
-import compare_methods as cm  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+import atp_minimal as atp
+import compare_methods as cm  # experiments/compare_methods.py (conftest.py puts experiments/ on sys.path)
+from model import GPT, GPTConfig
 
 
 # --- helpers: a fake "patch function" with additive node effects
@@ -184,12 +183,15 @@ def test_cost_of_verified_recall_is_verifications_needed_for_every_x():
 
 
 def test_only_the_default_run_writes_the_shipped_results():
-    assert cm.parse_args([]).out == "results"
-    assert cm.parse_args(["--threads", "2"]).out == "results"  # threads change no number
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shipped, scratch = os.path.join(root, "experiments", "results"), os.path.join(root, "out")
+    assert cm.parse_args([]).out == shipped
+    assert cm.parse_args(["--threads", "2"]).out == shipped  # threads change no number
     for argv in (["--quick"], ["--pairs", "2"], ["--no-sweep"], ["--dtype", "float32"], ["--model", "m"]):
-        assert cm.parse_args(argv).out == "out", argv
-        with pytest.raises(SystemExit):
-            cm.parse_args(argv + ["--out", "results"])  # refused: results/ ships the default run
+        assert cm.parse_args(argv).out == scratch, argv
+        for spelling in (shipped, os.path.relpath(shipped), shipped + "/"):
+            with pytest.raises(SystemExit):  # refused: experiments/results/ ships the default run
+                cm.parse_args(argv + ["--out", spelling])
         assert cm.parse_args(argv + ["--out", "elsewhere"]).out == "elsewhere"
 
 
@@ -226,9 +228,10 @@ def test_end_to_end_on_a_random_tiny_gpt():
     rows, curves = cm.evaluate_setting(model, clean, noise, metric, seeds=(0, 1), sweep=True)
     main = [r for r in rows if r["setting"] == "" and r["method"] in cm.METHOD_ORDER]
     for r in main:
-        print(f"{r['family']:>9} {r['method']:>13} {r['label']:>10} seed {r['seed']}: C {r['own_cost']:6.1f}  "
-              f"relative cost {r['rel_cost']:7.2f}  (n {r['n']}, X {r['X']})")
-    assert {(r["family"], r["method"]) for r in main} == {(f, m) for f in cm.FAMILIES for m in cm.METHOD_ORDER}
+        print(f"{r['family']:>9} {r['method']:>13} {r['label']:>10} seed {r['seed']}: "
+              f"C {r['own_cost']:6.1f}  relative cost {r['rel_cost']:7.2f}  (n {r['n']}, X {r['X']})")
+    assert ({(r["family"], r["method"]) for r in main}
+            == {(f, m) for f in cm.FAMILIES for m in cm.METHOD_ORDER})
     for (family, method), runs in curves.items():
         for curve in runs:
             x = torch.arange(1, curve.numel() + 1, dtype=torch.float64)

@@ -1,7 +1,8 @@
 """
-Checks on depth_study.py's own parts: the cost charged for per-sub-layer GradDrop (compare_methods.atp_cost), the grid that makes its
-rankings the same on every CPU, and the accuracy floor for its models. (The estimators it scores are atp_minimal's, tested in
-tests/test_atp.py and tests/test_reference.py.) `pytest -s tests/test_depth_study.py`.
+Checks on experiments/depth_study.py's own parts: the cost charged for per-sub-layer GradDrop
+(compare_methods.atp_cost), the grid that makes its rankings the same on every CPU, and the accuracy
+floor for its models. (The estimators it scores are atp_minimal's, tested in tests/test_atp.py and
+tests/test_reference.py.) `pytest -s tests/test_depth_study.py`.
 """
 
 import os
@@ -18,7 +19,8 @@ def test_sublayer_cost_counts_the_partial_backward_passes():
     assert compare_methods.atp_cost(1, True, True, ("q",), unit="sublayer") == 4 + 1 + 1 + 1
     assert compare_methods.atp_cost(1, True, True, ("neuron",), unit="sublayer") == 4 + 1
     for L in (2, 4, 12):  # in general 4 + (2L - 1), and L + 1 more for the QK fix
-        sub, block = compare_methods.atp_cost(L, True, True, ("q",), unit="sublayer"), compare_methods.atp_cost(L, True, True, ("q",))
+        sub = compare_methods.atp_cost(L, True, True, ("q",), unit="sublayer")
+        block = compare_methods.atp_cost(L, True, True, ("q",))
         print(f"  L = {L:2d}: AtP* {block:5.1f}, per-sub-layer {sub:5.1f} forward passes per pair")
         assert abs(sub - (4 + (2 * L - 1) + 1 + L)) < 1e-12
 

@@ -34,9 +34,9 @@ class GroupedQueryGPT(torch.nn.Module):
         super().__init__()
         self.gpt, self.r = gpt, r
         cfg = gpt.config
-        self.config = type("GQAConfig", (), dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_head // r,
-                                                 d_head=cfg.d_head, d_mlp=cfg.d_mlp, vocab_size=cfg.vocab_size,
-                                                 n_positions=cfg.n_positions))()
+        fields = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_head // r, d_head=cfg.d_head,
+                      d_mlp=cfg.d_mlp, vocab_size=cfg.vocab_size, n_positions=cfg.n_positions)
+        self.config = type("GQAConfig", (), fields)()
 
     def attention_scale(self, layer):
         return self.gpt.attention_scale(layer)
@@ -96,7 +96,9 @@ def setting():
 
 
 def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a) if isinstance(a, dict) else (a - b).abs().max().item()
+    if isinstance(a, dict):
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+    return (a - b).abs().max().item()
 
 
 def group_sum(per_head):
@@ -150,13 +152,15 @@ def test_atp_and_the_qk_fix_of_a_shared_head_are_sums_over_its_group(setting):
 def test_fast_forms_equal_their_references_with_key_value_heads(setting):
     gqa, gpt, clean, noise, metric = setting
     pairs = {
-        "activation_patching": (atp.activation_patching(gqa, clean, noise, metric, chunk_size=5, progress=False),
+        "activation_patching": (atp.activation_patching(gqa, clean, noise, metric, chunk_size=5,
+                                                        progress=False),
                                 atp.activation_patching_reference(gqa, clean, noise, metric)),
         "atp_estimates": (atp.atp_estimates(gqa, clean, noise, metric),
                           atp.atp_estimates_reference(gqa, clean, noise, metric)),
         "atp_estimates qk_fix": (atp.atp_estimates(gqa, clean, noise, metric, qk_fix=True),
                                  atp.atp_qk_fix_reference(gqa, clean, noise, metric)),
-        "atp_star": (atp.atp_star(gqa, clean, noise, metric), atp.atp_star_reference(gqa, clean, noise, metric)),
+        "atp_star": (atp.atp_star(gqa, clean, noise, metric),
+                     atp.atp_star_reference(gqa, clean, noise, metric)),
         "atp_star sublayer": (atp.atp_star(gqa, clean, noise, metric, unit="sublayer"),
                               atp.atp_star_reference(gqa, clean, noise, metric, unit="sublayer")),
     }
@@ -181,8 +185,10 @@ def test_whole_position_key_value_heads(setting):
     want = atp.patch_node_sets_reference(gpt, clean, noise, metric, nodes).T.reshape(2, 3, 2)
     est = atp.atp_estimates(gqa, clean, noise, metric, kinds=("k",), qk_fix=True, positions="all")["k"]
     heads = atp.atp_estimates(gpt, clean, noise, metric, kinds=("k",), qk_fix=True, positions="all")["k"]
-    diff_patch, diff_qk = (got - want).abs().max().item(), (est - heads.view(2, 3, 2, R).sum(-1)).abs().max().item()
-    print(f"  whole-position k: patching vs H-head groups {diff_patch:.1e}; QK fix vs group sums {diff_qk:.1e}")
+    diff_patch = (got - want).abs().max().item()
+    diff_qk = (est - heads.view(2, 3, 2, R).sum(-1)).abs().max().item()
+    print(f"  whole-position k: patching vs H-head groups {diff_patch:.1e}; QK fix vs group sums "
+          f"{diff_qk:.1e}")
     assert diff_patch < TWIN_TOL and diff_qk < TWIN_TOL
 
 

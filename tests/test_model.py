@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, get_tokenizer  # noqa: E402
+from helpers import max_diff
+from model import GPT, get_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-# A tiny config (2 layers, 4 heads, d_model 32), and an odd one: 2 heads of 12 dims, an MLP width that is not 4*D.
+# A tiny config (2 layers, 4 heads, d_model 32), and an odd one: 2 heads of 12 dims, an MLP width that is
+# not 4*D.
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, vocab_size=64, n_positions=16)
 ODD = dict(n_layer=3, n_head=2, n_embd=24, vocab_size=50, n_positions=12, n_inner=40)
 
@@ -43,10 +44,6 @@ def make_hf(directory, seed=0, **shape):
 def tokens(vocab_size, B=3, T=None, n_positions=16, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (B, T or n_positions), generator=g)  # (B, T)
-
-
-def max_diff(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 def cache_all(model, idx, extra=None):
@@ -160,7 +157,8 @@ def test_every_site_is_reached_once_with_its_documented_shape(small):
     with torch.no_grad():
         logits = model(tokens(cfg.vocab_size, B=B, T=T), hooks=hooks)
     assert logits.shape == (B, T, cfg.vocab_size)
-    assert len(set(model.site_names())) == len(model.site_names()) == 2 + 13 * cfg.n_layer + 1  # embeds, 13 per block, ln_final
+    # embed and pos_embed, 13 per block, ln_final
+    assert len(set(model.site_names())) == len(model.site_names()) == 2 + 13 * cfg.n_layer + 1
 
     def expected(name):
         leaf = name.rsplit(".", 1)[-1]
@@ -174,7 +172,8 @@ def test_every_site_is_reached_once_with_its_documented_shape(small):
 
     print()
     for name, shapes in calls.items():
-        assert shapes == [expected(name)], f"{name}: reached with shapes {shapes}, expected [{expected(name)}]"
+        assert shapes == [expected(name)], (f"{name}: reached with shapes {shapes}, "
+                                            f"expected [{expected(name)}]")
         print(f"  {name:28s} {shapes[0]}")
 
 
@@ -266,7 +265,8 @@ def test_graddrop_keeps_logits_and_passes_gradient_straight_through_the_layer(sm
             hooks[p + "hook_mlp_out"] = lambda t: t.detach()
         logits = model(idx, hooks=hooks)
         metric = logits[:, -1, 3].sum() - logits[:, -1, 5].sum()  # any scalar of the logits
-        grads = torch.autograd.grad(metric, [cache[n] for n in watched], allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(metric, [cache[n] for n in watched], allow_unused=True,
+                                    materialize_grads=True)
         return logits.detach(), dict(zip(watched, grads))
 
     clean_logits, clean = run(False)
@@ -274,7 +274,8 @@ def test_graddrop_keeps_logits_and_passes_gradient_straight_through_the_layer(sm
     pre, post, q = gd[p + "hook_resid_pre"], gd[p + "hook_resid_post"], gd[p + "attn.hook_q"]
     print(f"\nlayer {layer}: forward diff {max_diff(gd_logits, clean_logits):.1e}; "
           f"|dM/dresid_pre - dM/dresid_post| {max_diff(pre, post):.1e}; max |dM/dq| {q.abs().max():.1e} "
-          f"(without GradDrop: pre-post {max_diff(clean[p + 'hook_resid_pre'], clean[p + 'hook_resid_post']):.2e}, "
+          f"(without GradDrop: pre-post "
+          f"{max_diff(clean[p + 'hook_resid_pre'], clean[p + 'hook_resid_post']):.2e}, "
           f"|dM/dq| {clean[p + 'attn.hook_q'].abs().max():.2e})")
     assert torch.equal(gd_logits, clean_logits)
     assert torch.equal(pre, post)
@@ -293,7 +294,8 @@ def test_bad_hooks_and_bad_tokens_raise(small):
     idx = tokens(V, T=4)
     cases = [
         (KeyError, "unknown hook site", dict(idx=idx, hooks={"blocks.0.hook_resid_typo": lambda t: None})),
-        (KeyError, "unknown hook site", dict(idx=idx, hooks={f"blocks.{SMALL['n_layer']}.hook_resid_pre": print})),
+        (KeyError, "unknown hook site",
+         dict(idx=idx, hooks={f"blocks.{SMALL['n_layer']}.hook_resid_pre": print})),
         (ValueError, "must return None or a tensor of shape",
          dict(idx=idx, hooks={"blocks.0.attn.hook_z": lambda t: t[:, :-1]})),
         (ValueError, "must return None or a tensor of shape",

@@ -13,22 +13,11 @@ import torch
 
 import atp_minimal as atp
 import toy_ioi
+from helpers import max_diff, random_gpt
 from model import GPT, GPTConfig
 from whole_positions import whole_position_atp, whole_position_estimates
 
 TWIN_TOL = 1e-12
-
-
-def random_gpt(seed, n_layer=3, n_head=2, n_embd=16, vocab_size=20, n_positions=8, n_inner=24):
-    """A float64 GPT-2 with every weight re-drawn large, so attention saturates and effects are far from 0."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                          n_positions=n_positions, n_inner=n_inner)).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-                    else 0.3 * torch.randn_like(p) if p.dim() == 1 else 0.6 * torch.randn_like(p))
-    return model.eval()
 
 
 def random_pairs(model, B=2, T=5, seed=0):
@@ -38,12 +27,6 @@ def random_pairs(model, B=2, T=5, seed=0):
     noise[:, 1] = (clean[:, 1] + 1 + torch.randint(0, 5, (B,), generator=g)) % model.config.vocab_size
     noise[:, 3] = (clean[:, 3] + 2) % model.config.vocab_size
     return clean, noise
-
-
-def max_diff(a, b):
-    if isinstance(a, dict):
-        return max((a[k] - b[k]).abs().max().item() for k in a)
-    return (a - b).abs().max().item()
 
 
 def exact_reference(model, clean, noise, metric, kinds, positions):
@@ -65,7 +48,7 @@ def largest(a):
 
 @pytest.fixture(scope="module")
 def random_setting():
-    model = random_gpt(0)
+    model = random_gpt(0, n_layer=3, std=0.6, embedding_std=0.6)  # every matrix at std 0.6, embeddings too
     clean, noise = random_pairs(model, B=2, T=5, seed=1)
     return model, clean, noise, atp.neg_log_prob(torch.tensor([3, 4]))
 

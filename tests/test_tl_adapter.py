@@ -29,6 +29,7 @@ from transformer_lens import patching as tl_patching  # noqa: E402
 
 import atp_minimal as atp  # noqa: E402
 import tl_adapter  # noqa: E402
+from helpers import max_diff  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 TOL = 1e-10  # float64: every comparison is a different order of the same float64 operations
@@ -71,23 +72,6 @@ def prompt_pair(seed=1):
     noise[:, 3] = (clean[:, 3] + 23) % VOCAB
     metric = atp.logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]))
     return clean, noise, metric
-
-
-def max_diff(a, b):
-    """Largest absolute difference between two results: tensors, or dicts/lists/tuples of them."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        return max(max_diff(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        return max([max_diff(x, y) for x, y in zip(a, b)], default=0.0)
-    if isinstance(a, torch.Tensor):
-        assert a.shape == b.shape, f"{a.shape} != {b.shape}"
-        return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-    if isinstance(a, float):
-        return abs(a - b)
-    assert a == b, f"{a} != {b}"
-    return 0.0
 
 
 # --- TransformerLens's own view: native hook names, no adapter

@@ -1,7 +1,8 @@
 """
-Checks on the shipped toy IOI model (toy_model/, written by `python toy_ioi.py`): its prompt pairs are
-well formed, it solves IOI prompts for name pairs it never saw together, and its attention saturates,
-the regime the AtP* QK fix (paper §3 Methods) is for. `pytest -s tests/test_toy_model.py` prints the numbers.
+Checks on the shipped toy IOI model (toy_model/, written by `python toy_ioi.py --out toy_model`): its
+prompt pairs are well formed, it solves IOI prompts for name pairs it never saw together, and its
+attention saturates, the regime the AtP* QK fix (paper §3 Methods) is for. `pytest -s
+tests/test_toy_model.py` prints the numbers.
 """
 
 import itertools
@@ -118,7 +119,8 @@ def test_attention_saturates_at_the_last_position(model):
     print(f"most saturated heads at the last position, over {len(clean)} held-out prompts:")
     for top_mean, top_max, head, (role, count) in heads[:6]:
         print(f"  {head}: max prob {top_max:.6f} (1 - max = {1 - top_max:.1e}), "
-              f"mean of per-prompt max {top_mean:.4f}, top key is {role} in {count / len(clean):.0%} of prompts")
+              f"mean of per-prompt max {top_mean:.4f}, top key is {role} in {count / len(clean):.0%} "
+              "of prompts")
     probs = torch.cat([last[l].flatten() for l in range(L)])  # every last-position probability
     print(f"smallest nonzero probability seen: {probs[probs > 0].min().item():.3e}")
     assert max(top_max for _, top_max, _, _ in heads) > 0.99

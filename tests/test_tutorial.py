@@ -1,33 +1,41 @@
-"""tutorial.md cannot rot: its code runs and its printed output is what the page shows.
+"""The pages cannot rot: tutorial.md and every docs/*.md run, and what they print is what they show.
 
-  - every ```python block of tutorial.md runs, in order, in one namespace, from the repository root;
+For each page (tutorial.md, then docs/*.md in name order):
+  - every ```python block runs, in order, in one namespace of its own, from the repository root;
   - a ```text block right after a python block is that block's printed output: the test reruns the block
     and compares (see `same_output`: integers, labels and ranks exactly, decimals to a stated relative
     tolerance), so quoted numbers stay current on any CPU;
   - every python block pastes cleanly into an interactive `python` session (see `repl_problems`);
-  - the table of activation sites lists exactly model.site_names() (for a 1-layer model), with the
-    shapes that model.py really produces;
-  - every figure the page shows exists and is small; every test the page names exists.
+  - every figure it shows exists (and is small), every file or section it links to exists, and every
+    test it names (tests/test_x.py::test_y) exists.
+A page whose blocks import a package that is not installed (TransformerLens, say) is skipped, with the
+package named; its other checks still run. tutorial.md's table of activation sites must list exactly
+model.site_names() (for a 1-layer model), with the shapes that model.py really produces.
 
     pytest -s tests/test_tutorial.py        # also prints each block's run time
-    python tests/test_tutorial.py --update  # rerun the blocks and rewrite the text blocks in tutorial.md
+    python tests/test_tutorial.py --update  # rerun every page and rewrite its text blocks
                                             # (then reread the prose around any number that moved)
 """
 
 import codeop
 import contextlib
+import glob
+import importlib.util
 import io
 import os
 import re
 import sys
 import time
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TUTORIAL = os.path.join(ROOT, "tutorial.md")
 sys.path.insert(0, ROOT)
 from model import GPT, GPTConfig  # noqa: E402
+
+PAGES = ["tutorial.md"] + sorted(os.path.relpath(p, ROOT)
+                                 for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 # How a printed number is compared with the page:
 #   - an integer (no decimal point, no exponent: counts, ranks, layers, heads, positions, percentages) must
@@ -42,11 +50,18 @@ from model import GPT, GPTConfig  # noqa: E402
 #     blocks print a pass/fail line against a stated bound instead.
 REL_TOL = 1e-3
 MAX_FIGURE_BYTES = 150_000
+INSTALL = {"transformer_lens": "pip install transformer-lens==3.9.0", "matplotlib": "pip install matplotlib",
+           "transformers": "pip install -r requirements.txt"}
 
 
-# --- reading tutorial.md
+# --- reading a page
 
-def fenced_blocks(text):
+def read_page(page):
+    with open(os.path.join(ROOT, page)) as f:
+        return f.read()
+
+
+def fenced_blocks(text, page="tutorial.md"):
     """[(language, code, first line number of the code (1-based), number of code lines)] for every
     ``` fenced block."""
     blocks, lines, i = [], text.splitlines(), 0
@@ -58,7 +73,7 @@ def fenced_blocks(text):
             while end < len(lines) and lines[end].rstrip() != "```":
                 end += 1
             if end == len(lines):
-                raise ValueError(f"tutorial.md line {i + 1}: fence never closed")
+                raise ValueError(f"{page} line {i + 1}: fence never closed")
             blocks.append((m.group(1), "\n".join(lines[start:end]), start + 1, end - start))
             i = end + 1
         else:
@@ -66,10 +81,10 @@ def fenced_blocks(text):
     return blocks
 
 
-def python_blocks_with_output(text):
+def python_blocks_with_output(text, page="tutorial.md"):
     """[(code, line, expected output or None)]: a ```text block directly after a ```python block (only
     prose between them) is the python block's output. A text block anywhere else is an error."""
-    blocks = fenced_blocks(text)
+    blocks = fenced_blocks(text, page)
     out = []
     for j, (lang, code, line, _) in enumerate(blocks):
         if lang == "python":
@@ -77,8 +92,28 @@ def python_blocks_with_output(text):
             expected = follows[1] if follows and follows[0] == "text" else None
             out.append((code, line, expected))
         elif lang == "text" and (j == 0 or blocks[j - 1][0] != "python"):
-            raise ValueError(f"tutorial.md line {line}: a ```text block must follow a ```python block")
+            raise ValueError(f"{page} line {line}: a ```text block must follow a ```python block")
     return out
+
+
+def prose(text):
+    """The page without its fenced blocks (links and names inside code are not the page's own)."""
+    return re.sub(r"^```\w*\s*$.*?^```\s*$", "", text, flags=re.M | re.S)
+
+
+def missing_packages(text, page="tutorial.md"):
+    """Top-level modules the page's python blocks import that are neither installed nor the project's."""
+    names = set()
+    for code, _, _ in python_blocks_with_output(text, page):
+        names.update(re.findall(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", code, re.M))
+    project = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "*.py"))
+               + glob.glob(os.path.join(ROOT, "*", "*.py"))}
+    return sorted(n for n in names if n not in project and importlib.util.find_spec(n) is None)
+
+
+def skip_reason(page, missing):
+    install = "; ".join(INSTALL.get(m, "pip install " + m) for m in missing)
+    return f"{page} needs {', '.join(missing)}, which is not installed ({install})"
 
 
 # --- running the blocks
@@ -128,19 +163,20 @@ def repl_problems(code):
     return None
 
 
-def run_blocks(text, echo=False):
-    """Run every python block in order in one namespace; returns [(line, expected, printed, seconds)]."""
+def run_blocks(text, page="tutorial.md", echo=False):
+    """Run every python block of a page in order, in a namespace of its own, from the repository root;
+    returns [(line, expected, printed, seconds)]."""
     namespace = {"__name__": "__tutorial__"}
     results = []
     cwd, path, threads, rng = os.getcwd(), list(sys.path), torch.get_num_threads(), torch.get_rng_state()
     set_threads = torch.set_num_threads
     os.chdir(ROOT)
-    if "ATP_TEST_THREADS" in os.environ:  # hold the count conftest.py set (the page itself asks for 1)
+    if "ATP_TEST_THREADS" in os.environ:  # hold the count conftest.py set (the pages themselves ask for 1)
         torch.set_num_threads = lambda n: None
     try:
-        for code, line, expected in python_blocks_with_output(text):
-            # padded with blank lines, so a traceback names the line of tutorial.md
-            compiled = compile("\n" * (line - 1) + code, TUTORIAL, "exec")
+        for code, line, expected in python_blocks_with_output(text, page):
+            # padded with blank lines, so a traceback names the line of the page
+            compiled = compile("\n" * (line - 1) + code, os.path.join(ROOT, page), "exec")
             buffer = io.StringIO()
             start = time.perf_counter()
             with contextlib.redirect_stdout(buffer):
@@ -148,7 +184,7 @@ def run_blocks(text, echo=False):
             seconds = time.perf_counter() - start
             results.append((line, expected, buffer.getvalue(), seconds))
             if echo:
-                print(f"  block at tutorial.md:{line}: {seconds:5.1f} s")
+                print(f"  block at {page}:{line}: {seconds:5.1f} s")
     finally:
         torch.set_num_threads = set_threads
         os.chdir(cwd)
@@ -158,17 +194,21 @@ def run_blocks(text, echo=False):
     return results
 
 
-def read_tutorial():
-    with open(TUTORIAL) as f:
-        return f.read()
+def pages_with_code():
+    return [p for p in PAGES if python_blocks_with_output(read_page(p), p)]
 
 
 # --- the tests
 
-def test_every_python_block_runs_and_prints_what_the_page_shows():
+@pytest.mark.parametrize("page", pages_with_code())
+def test_every_python_block_runs_and_prints_what_the_page_shows(page):
+    text = read_page(page)
+    missing = missing_packages(text, page)
+    if missing:
+        pytest.skip(skip_reason(page, missing))
     start = time.perf_counter()
-    results = run_blocks(read_tutorial(), echo=True)
-    print(f"  {len(results)} blocks in {time.perf_counter() - start:.1f} s")
+    results = run_blocks(text, page, echo=True)
+    print(f"  {page}: {len(results)} blocks in {time.perf_counter() - start:.1f} s")
     problems = []
     for line, expected, printed, _ in results:
         if expected is None:
@@ -178,16 +218,17 @@ def test_every_python_block_runs_and_prints_what_the_page_shows():
         message = same_output(printed, expected)
         if message:
             problems.append(f"block at line {line}: {message}")
-    assert not problems, ("tutorial.md is out of date (rerun `python tests/test_tutorial.py --update`, then "
+    assert not problems, (f"{page} is out of date (rerun `python tests/test_tutorial.py --update`, then "
                           "reread the prose near the changed numbers):\n" + "\n".join(problems))
 
 
-def test_every_python_block_pastes_into_an_interactive_session():
+@pytest.mark.parametrize("page", pages_with_code())
+def test_every_python_block_pastes_into_an_interactive_session(page):
     problems = []
-    for code, line, _ in python_blocks_with_output(read_tutorial()):
+    for code, line, _ in python_blocks_with_output(read_page(page), page):
         message = repl_problems(code)
         if message:
-            problems.append(f"block at tutorial.md:{line}: {message}")
+            problems.append(f"block at {page}:{line}: {message}")
     assert not problems, "these blocks break when pasted into `python`:\n" + "\n".join(problems)
 
 
@@ -209,7 +250,7 @@ def site_table(text):
 
 
 def test_site_table_lists_every_site_of_model_py_with_its_shape():
-    rows = site_table(read_tutorial())
+    rows = site_table(read_page("tutorial.md"))
     assert rows, "tutorial.md has no table starting with '| site |'"
     # distinct sizes, so a wrong letter in a shape cannot match by accident (only S = T is forced)
     cfg = GPTConfig(n_layer=1, n_head=3, n_embd=12, n_positions=8, vocab_size=11, n_inner=20)
@@ -233,37 +274,65 @@ def test_site_table_lists_every_site_of_model_py_with_its_shape():
         assert tuple(cache[name].shape) == want, f"{name}: table says {table[name]}"
 
 
-def test_figures_exist_and_are_small():
-    text = read_tutorial()
-    paths = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
-    assert paths, "tutorial.md shows no figure"
+@pytest.mark.parametrize("page", PAGES)
+def test_figures_exist_and_are_small(page):
+    paths = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", prose(read_page(page)))
+    if page == "tutorial.md":
+        assert paths, "tutorial.md shows no figure"
     for path in paths:
-        full = os.path.join(ROOT, path)
-        assert os.path.isfile(full), f"tutorial.md shows {path}, which does not exist (run make_figures.py)"
+        full = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path))
+        assert os.path.isfile(full), f"{page} shows {path}, which does not exist (run make_figures.py)"
         size = os.path.getsize(full)
         print(f"  {path}: {size / 1000:.0f} kB")
-        if path.startswith("figures/"):
+        if "figures" in os.path.relpath(full, ROOT).split(os.sep):
             assert size < MAX_FIGURE_BYTES, f"{path} is {size} bytes; keep figures under {MAX_FIGURE_BYTES}"
 
 
-def test_every_test_the_tutorial_names_exists():
-    named = set(re.findall(r"(tests/test_\w+\.py)::(\w+)", read_tutorial()))
-    assert named, "tutorial.md names no test"
+def heading_anchors(text):
+    """GitHub's anchors for the page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    anchors = set()
+    for title in re.findall(r"^#+\s+(.*?)\s*$", prose(text), re.M):
+        anchors.add(re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_link_to_a_file_or_section_resolves(page):
+    text = read_page(page)
+    problems = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose(text)):
+        if re.match(r"[a-z]+:", target):
+            continue  # https://..., mailto:
+        path, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else \
+            os.path.join(ROOT, page)
+        if not os.path.exists(full):
+            problems.append(f"{target}: no such file")
+        elif anchor and full.endswith(".md") and anchor not in heading_anchors(open(full).read()):
+            problems.append(f"{target}: no such section")
+    assert not problems, f"{page} links to what is not there:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_test_the_page_names_exists(page):
+    named = set(re.findall(r"(tests/test_\w+\.py)::(\w+)", read_page(page)))
+    if page == "tutorial.md":
+        assert named, "tutorial.md names no test"
     for path, name in sorted(named):
         with open(os.path.join(ROOT, path)) as f:
             source = f.read()
-        assert re.search(rf"^def {name}\b", source, re.M), f"tutorial.md names {path}::{name}, which is gone"
-    print(f"  {len(named)} named tests found")
+        assert re.search(rf"^def {name}\b", source, re.M), f"{page} names {path}::{name}, which is gone"
+    print(f"  {page}: {len(named)} named tests found")
 
 
 # --- python tests/test_tutorial.py [--update]
 
-def update(text):
+def update(text, page="tutorial.md"):
     """Rewrite every ```text block after a python block with what the block prints now (and add one
     where a block prints but has none)."""
-    results = {line: printed for line, _, printed, _ in run_blocks(text, echo=True)}
+    results = {line: printed for line, _, printed, _ in run_blocks(text, page, echo=True)}
     lines = text.splitlines()
-    blocks = fenced_blocks(text)
+    blocks = fenced_blocks(text, page)
     edits = []  # (first line index, last line index (exclusive), new lines), applied bottom-up
     for j, (lang, code, line, n_lines) in enumerate(blocks):
         if lang != "python":
@@ -282,11 +351,16 @@ def update(text):
 
 
 if __name__ == "__main__":
-    if "--update" in sys.argv:
-        new = update(read_tutorial())
-        with open(TUTORIAL, "w") as f:
-            f.write(new)
-        print("rewrote the output blocks of tutorial.md")
-    else:
-        for line, expected, printed, seconds in run_blocks(read_tutorial()):
-            print(f"--- tutorial.md:{line} ({seconds:.1f} s)\n{printed}", end="")
+    for page in pages_with_code():
+        text = read_page(page)
+        missing = missing_packages(text, page)
+        if missing:
+            print(f"skipped: {skip_reason(page, missing)}")
+        elif "--update" in sys.argv:
+            new = update(text, page)
+            with open(os.path.join(ROOT, page), "w") as f:
+                f.write(new)
+            print(f"rewrote the output blocks of {page}")
+        else:
+            for line, expected, printed, seconds in run_blocks(text, page):
+                print(f"--- {page}:{line} ({seconds:.1f} s)\n{printed}", end="")

@@ -20,11 +20,12 @@ def whole_position_estimates(model, clean, noise, metric, kinds=atp.KINDS):
     est = {k: v.sum(2) for k, v in atp.atp_qk_fix_reference(model, clean, noise, metric, kinds).items()}
     if "k" in kinds:
         L = model.config.n_layer
-        names = [n for l in range(L) for n in (atp.site("q", l), atp.site("k", l), f"blocks.{l}.attn.hook_pattern")]
+        pattern = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+        names = [n for l in range(L) for n in (atp.site("q", l), atp.site("k", l), pattern[l])]
         with torch.no_grad():
             _, noise_acts = atp.run_with_cache(model, noise, names)
         clean_acts, grads = atp.clean_gradients(model, clean, metric, names)
         est["k"] = torch.stack([atp.key_fix_all_positions(
             clean_acts[atp.site("q", l)], clean_acts[atp.site("k", l)], noise_acts[atp.site("k", l)],
-            grads[f"blocks.{l}.attn.hook_pattern"], model.attention_scale(l)) for l in range(L)], 1)  # (B, L, G)
+            grads[pattern[l]], model.attention_scale(l)) for l in range(L)], 1)  # (B, L, G)
     return est

@@ -1,20 +1,23 @@
 """
 How many forward passes does each node-ranking method need to find the important nodes? The comparison
-of the AtP* paper's §4 Experiments on the toy IOI model (or a real GPT-2): AtP, AtP+QK fix, AtP+GradDrop and AtP*
-against the baselines that patch sets of nodes jointly (Subsampling, Blocks, Hierarchical grouping)
-and a random order, each scored by its cost of verified recall.
+of the AtP* paper's §4 Experiments on the toy IOI model (or a real GPT-2): AtP, AtP+QK fix, AtP+GradDrop
+and AtP* against the baselines that patch sets of nodes jointly (Subsampling, Blocks, Hierarchical
+grouping) and a random order, each scored by its cost of verified recall.
 
   J. Kramar, T. Lieberum, R. Shah, N. Nanda (2024). "AtP*: An efficient and scalable method for
   localizing LLM behaviour to components." https://arxiv.org/abs/2403.00745
 
 Every method outputs an order over ALL nodes of a node family and pays its own cost C. Verification then
-patches nodes one at a time in that order (paper §2 Background). cost(x) = C + the verification passes spent until the
-true top-x nodes by |c(n)| are all verified (paper §4 Experiments). The oracle verifies in the true order: cost(x) = x.
-x runs over the nodes that count: |c(n)| >= COUNTED (1e-3) times the largest |c(n)| of the family.
+patches nodes one at a time in that order (paper §2 Background). cost(x) = C + the verification passes
+spent until the true top-x nodes by |c(n)| are all verified (paper §4 Experiments). The oracle verifies
+in the true order: cost(x) = x. x runs over the nodes that count: |c(n)| >= COUNTED (1e-3) times the
+largest |c(n)| of the family.
 
-    python compare_methods.py            # toy IOI model, float64: tables, CSV and plots in results/
-    python compare_methods.py --quick    # smoke run, written to out/ (as is every non-default run)
-    python compare_methods.py --model DIR --device cuda --dtype float32   # a Hugging Face GPT-2 directory
+    python experiments/compare_methods.py          # toy IOI model, float64: tables, CSV and plots
+                                                   # in experiments/results/
+    python experiments/compare_methods.py --quick  # smoke run, written to out/ (as is every non-default run)
+    python experiments/compare_methods.py --model DIR --device cuda --dtype float32
+                                                   # a Hugging Face GPT-2 directory
 
 Dimension legend: B prompt pairs, L layers, T positions, U units of a site (heads or neurons),
 N nodes of a family, n candidate nodes (those a patch can change), S sets, X nodes that count (true_top).
@@ -31,7 +34,10 @@ from typing import Callable, Optional
 
 import torch
 
-import atp_minimal as atp
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
+ROOT = os.path.dirname(HERE)  # the repository root: atp_minimal.py, model.py, toy_ioi.py
+sys.path.insert(0, ROOT)
+import atp_minimal as atp  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # --- cost accounting: forward-pass equivalents PER PROMPT PAIR
@@ -148,7 +154,8 @@ def rank_by_score(score):
 
 
 def random_ranking(n, seed):
-    """The floor: a seeded random order (a baseline of the paper's §4 Experiments: activation patching in random order)."""
+    """The floor: a seeded random order (a baseline of the paper's §4 Experiments: activation patching in
+    random order)."""
     return Ranking(torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
 
 
@@ -169,8 +176,9 @@ def subsampling_ranking(effect_of_sets: EffectOfSets, n, n_samples, p, seed=0):
 
 
 def blocks_ranking(effect_of_sets: EffectOfSets, n, block_size):
-    """Blocks (a baseline of the paper's §4 Experiments): contiguous blocks of `block_size` nodes in natural order, each patched jointly.
-    Verify block by block, largest |block effect| first; inside a block, natural order."""
+    """Blocks (a baseline of the paper's §4 Experiments): contiguous blocks of `block_size` nodes in natural
+    order, each patched jointly. Verify block by block, largest |block effect| first; inside a block,
+    natural order."""
     starts = list(range(0, n, block_size))
     member = torch.zeros(len(starts), n, dtype=torch.bool)  # (ceil(n/b), n)
     for i, s in enumerate(starts):
@@ -185,11 +193,12 @@ def blocks_ranking(effect_of_sets: EffectOfSets, n, block_size):
 
 
 def hierarchical_ranking(effect_of_sets: EffectOfSets, n, branching=4, budget=None):
-    """Hierarchical grouping (a baseline of the paper's §4 Experiments): a tree of nested contiguous groups, each split into `branching`
-    near-equal children, down to single nodes. Best-first: take the patched group with the largest
-    |effect|; a single node is reached (its patch was exact), a larger group has its children patched,
-    one set each, while the budget (set patches; None: no limit) allows. Order: nodes in the order
-    reached, then the frontier groups by |effect|, each in natural order. The root itself is not patched."""
+    """Hierarchical grouping (a baseline of the paper's §4 Experiments): a tree of nested contiguous groups,
+    each split into `branching` near-equal children, down to single nodes. Best-first: take the patched
+    group with the largest |effect|; a single node is reached (its patch was exact), a larger group has
+    its children patched, one set each, while the budget (set patches; None: no limit) allows. Order:
+    nodes in the order reached, then the frontier groups by |effect|, each in natural order. The root
+    itself is not patched."""
     exact = torch.zeros(n, dtype=torch.bool)
     frontier = []  # heap of (-|effect|, first node, end): ties in natural order
     n_sets = 0
@@ -253,8 +262,8 @@ class SetPatcher:
             used = new.any(0).nonzero()[:, 0]  # nodes in any of the sets: build masks for those only
             effect = torch.zeros(len(todo), dtype=torch.float64)
             if len(used):
-                masks = atp.node_masks(self.model, self.clean.shape[1], [self.nodes[i] for i in used.tolist()],
-                                       new[:, used])  # kind -> (S', L, T, U)
+                masks = atp.node_masks(self.model, self.clean.shape[1],  # kind -> (S', L, T, U)
+                                       [self.nodes[i] for i in used.tolist()], new[:, used])
                 effect = atp.patch_node_sets(self.model, self.clean, self.noise, self.metric, masks,
                                              self.chunk_size, progress=False).mean(1).double().cpu()  # (S',)
             self.patched += len(todo)
@@ -422,7 +431,8 @@ def score_baselines(run, patcher, seeds, sweep):
                 if j == 0:
                     run.record(method, ranking, own_cost, seed, secs, label=label)
                 if sweep:  # (wall time only for the default: the other settings replay its patches)
-                    run.record(method, ranking, own_cost, seed, secs if j == 0 else None, factor=factor, label=label)
+                    run.record(method, ranking, own_cost, seed, secs if j == 0 else None, factor=factor,
+                               label=label)
 
 
 def evaluate_setting(model, clean, noise, metric, seeds=(0,), families=FAMILIES, sweep=False):
@@ -433,7 +443,8 @@ def evaluate_setting(model, clean, noise, metric, seeds=(0,), families=FAMILIES,
     cfg, T = model.config, clean.shape[1]
     kinds = tuple(k for fam in families.values() for k in fam)
     start = time.perf_counter()
-    truth = atp.activation_patching(model, clean, noise, metric, kinds, progress=False)  # kind -> (B, L, T, U)
+    truth = atp.activation_patching(model, clean, noise, metric, kinds,
+                                    progress=False)  # kind -> (B, L, T, U)
     truth_seconds = time.perf_counter() - start
     scores, seconds = atp_scores(model, clean, noise, metric, kinds)
     moved = moved_nodes(model, clean, noise, kinds)
@@ -444,17 +455,17 @@ def evaluate_setting(model, clean, noise, metric, seeds=(0,), families=FAMILIES,
                         fam.vector({k: moved[k] for k in fam_kinds}))
         for name, (qk_fix, grad_drop) in ATP_METHODS.items():
             score = fam.vector({k: scores[name][k] for k in fam_kinds})[run.candidates]  # (n,)
-            run.record(name, Ranking(rank_by_score(score)), atp_cost(cfg.n_layer, qk_fix, grad_drop, fam_kinds),
-                       None, seconds[name])
+            run.record(name, Ranking(rank_by_score(score)),
+                       atp_cost(cfg.n_layer, qk_fix, grad_drop, fam_kinds), None, seconds[name])
         # One patcher per family: a sweep's settings share its memory of patched sets (Hierarchical's
         # smaller budgets and Subsampling's smaller K replay a prefix of the larger run).
         patcher = SetPatcher(model, clean, noise, metric, [fam.node(i) for i in run.candidates.tolist()])
         score_baselines(run, patcher, seeds, sweep)
         for seed in seeds:
             run.record("Random", random_ranking(run.n, seed), BASE, seed, 0.0)
-        run.rows.append(dict(family=fam_name, method="exact patching (truth)", setting="", label="", seed=None,
-                             own_cost=BASE + run.n * PATCH, rel_cost=None, rel_cost_no_c=None, n=run.n,
-                             X=len(true_top(run.c)), seconds=truth_seconds))
+        run.rows.append(dict(family=fam_name, method="exact patching (truth)", setting="", label="",
+                             seed=None, own_cost=BASE + run.n * PATCH, rel_cost=None, rel_cost_no_c=None,
+                             n=run.n, X=len(true_top(run.c)), seconds=truth_seconds))
         rows += run.rows
         curves.update(run.curves)
     return rows, curves
@@ -477,8 +488,9 @@ def summarize(rows, setting=""):
     for key, rs in groups.items():
         gmean, gstd = geometric_stats([r["rel_cost"] for r in rs])
         no_c = [r["rel_cost_no_c"] for r in rs]
-        out[key] = dict(gmean=gmean, gstd=gstd, runs=len(rs), own_cost=sum(r["own_cost"] for r in rs) / len(rs),
-                        label=rs[0]["label"], no_c=geometric_stats(no_c)[0] if None not in no_c else None)
+        out[key] = dict(gmean=gmean, gstd=gstd, runs=len(rs),
+                        own_cost=sum(r["own_cost"] for r in rs) / len(rs), label=rs[0]["label"],
+                        no_c=geometric_stats(no_c)[0] if None not in no_c else None)
     return out
 
 
@@ -492,7 +504,8 @@ def per_pair(rows, where, family, method):
 
 
 def claims(summary, rows, wheres, families):
-    """The paper's headline ordering (its §4 Experiments), per setting and family, with numbers. Printable lines."""
+    """The paper's headline ordering (its §4 Experiments), per setting and family, with numbers.
+    Printable lines."""
     lines = []
     for where in wheres:
         for fam in families:
@@ -504,8 +517,8 @@ def claims(summary, rows, wheres, families):
             lines.append(f"[{where}, {fam}] AtP* <= AtP: {'yes' if rc['AtP*'] <= rc['AtP'] else 'NO'} "
                          f"(AtP* {rc['AtP*']:.2f}, AtP {rc['AtP']:.2f}; AtP+QK fix {rc['AtP+QK fix']:.2f}, "
                          f"AtP+GradDrop {rc['AtP+GradDrop']:.2f})")
-            lines.append("    the orders alone (relative cost of the verification passes, C left out): " + ", ".join(
-                f"{m} {summary[(where, fam, m)]['no_c']:.2f}" for m in ATP_METHODS))
+            lines.append("    the orders alone (relative cost of the verification passes, C left out): "
+                         + ", ".join(f"{m} {summary[(where, fam, m)]['no_c']:.2f}" for m in ATP_METHODS))
             swept = [summarize(rows, factor) for factor in FACTORS[1:]]
             if any(swept):  # each baseline at its best swept setting, chosen in hindsight on these very runs
                 best = {m: min([rc[m]] + [s[(where, fam, m)]["gmean"] for s in swept if (where, fam, m) in s])
@@ -516,12 +529,12 @@ def claims(summary, rows, wheres, families):
             atp_runs = per_pair(rows, where, fam, "AtP")
             if len(atp_runs) > 1:  # how consistent: prompt pair by prompt pair
                 star = per_pair(rows, where, fam, "AtP*")
-                lines.append(f"    AtP* <= AtP in {sum(star[p] <= atp_runs[p] for p in atp_runs)}/{len(atp_runs)} "
-                             "prompt pairs")
+                lines.append(f"    AtP* <= AtP in {sum(star[p] <= atp_runs[p] for p in atp_runs)}/"
+                             f"{len(atp_runs)} prompt pairs")
                 for m in BASELINES:
                     other = per_pair(rows, where, fam, m)
-                    lines.append(f"    AtP < {m} in {sum(atp_runs[p] < other[p] for p in atp_runs)}/{len(atp_runs)} "
-                                 "prompt pairs")
+                    lines.append(f"    AtP < {m} in {sum(atp_runs[p] < other[p] for p in atp_runs)}/"
+                                 f"{len(atp_runs)} prompt pairs")
     return lines
 
 
@@ -583,19 +596,22 @@ def report_header(title, command, cfg, rows, elapsed, dist_pairs, dtype):
     """The markdown report's title and the paragraphs that say what was run and how it is scored."""
     return [f"# Cost of verified recall: {title}", "",
             f"`{command}`: {elapsed:.0f} s wall clock, torch threads: {torch.get_num_threads()}. Model: "
-            f"{cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}, run in {dtype}. "
-            "Metric: logit difference (answer minus the other name) at the last position. Settings (paper §4 Experiments): "
+            f"{cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}, run in "
+            f"{dtype}. Metric: logit difference (answer minus the other name) at the last position. Settings "
+            "(paper §4 Experiments): "
             "**single pair** runs each sampled prompt pair alone with its own ground truth (like IOI-PP); "
             "**distribution** takes the pairs as one distribution, c(n) = mean over the pairs."
             + (" The pairs come from one seeded sample (held-out names for the toy model): the single-pair "
                f"runs use its first pairs, the distribution its first {dist_pairs}. The distribution is one "
-               "draw, so its spread covers only the seeds of Subsampling and Random." if dist_pairs else ""), "",
-            "Relative cost (paper §4 Experiments): the inverse-rank-weighted (w ∝ 1/x) geometric mean of cost(x)/x over "
-            f"x = 1..X, where X counts the nodes with |c(n)| ≥ {COUNTED:g} × the largest |c(n)| of their family "
-            "in that setting (smaller effects are not what verification is for; counting every c(n) ≠ 0 would "
-            "count rounding residue, whose exact zeros depend on the CPU); the oracle scores 1. Each cell: "
-            "geometric mean over prompt pairs (and seeds, for Subsampling and Random) ×/÷ geometric std. C: the "
-            "method's own cost per prompt pair, in forward passes (accounting below).", ""]
+               "draw, so its spread covers only the seeds of Subsampling and Random." if dist_pairs else ""),
+            "",
+            "Relative cost (paper §4 Experiments): the inverse-rank-weighted (w ∝ 1/x) geometric mean of "
+            f"cost(x)/x over x = 1..X, where X counts the nodes with |c(n)| ≥ {COUNTED:g} × the largest "
+            "|c(n)| of their family in that setting (smaller effects are not what verification is for; "
+            "counting every c(n) ≠ 0 would count rounding residue, whose exact zeros depend on the CPU); the "
+            "oracle scores 1. Each cell: geometric mean over prompt pairs (and seeds, for Subsampling and "
+            "Random) ×/÷ geometric std. C: the method's own cost per prompt pair, in forward passes "
+            "(accounting below).", ""]
 
 
 def report_setting(summary, rows, where, families):
@@ -617,8 +633,9 @@ def report_setting(summary, rows, where, families):
         values = [r[key] for r in truth if r["family"] == fam]
         return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
-    return out + ["", "Nodes: " + "; ".join(f"{fam}: {span(fam, 'n')} moved by the noise prompt, {span(fam, 'X')} "
-                                            f"counted (|c(n)| ≥ {COUNTED:g} × max)" for fam in families)
+    return out + ["", "Nodes: " + "; ".join(f"{fam}: {span(fam, 'n')} moved by the noise prompt, "
+                                            f"{span(fam, 'X')} counted (|c(n)| ≥ {COUNTED:g} × max)"
+                                            for fam in families)
                   + ". C of exact patching of every moved node: 2 + that number.", ""]
 
 
@@ -648,18 +665,19 @@ def report_costs(L):
             "| clean + noise forward (every method, once; verification reuses them) | 2 |",
             "| backward pass through l of the L layers | 2 l / L |",
             f"| AtP: 2 forwards + 1 backward | {atp_cost(L):g} |",
-            f"| AtP+QK fix: + the QK fix, at most 1 forward (two QK^T-sized products and softmaxes per head); "
-            f"neurons: nothing to fix, 4 | {atp_cost(L, qk_fix=True):g} |",
+            f"| AtP+QK fix: + the QK fix, at most 1 forward (two QK^T-sized products and softmaxes per "
+            f"head); neurons: nothing to fix, 4 | {atp_cost(L, qk_fix=True):g} |",
             f"| AtP+GradDrop: + the pass dropping layer l, through the l layers below it: "
             f"sum 2 l / L = L - 1 | {atp_cost(L, grad_drop=True):g} |",
             f"| AtP*: both; the QK fix is redone in each GradDrop pass for the layers it reaches; "
             f"neurons: {atp_cost(L, True, True, ('neuron',)):g} | {atp_cost(L, True, True):g} |",
-            "| Subsampling, Blocks, Hierarchical: 2 + one per set patched (counted by the ranker) | 2 + sets |",
+            "| Subsampling, Blocks, Hierarchical: 2 + one per set patched (counted by the ranker) "
+            "| 2 + sets |",
             "| Random order | 2 |",
             "| verifying one node (free when the method already patched it alone) | 1 |", "",
             "Nodes that the noise prompt leaves unchanged in every pair have c(n) = 0 exactly. The clean and "
-            "noise forwards reveal them, so every method ranks only the moved nodes and lists the others last; "
-            "they never count among the true top-x.", ""]
+            "noise forwards reveal them, so every method ranks only the moved nodes and lists the others "
+            "last; they never count among the true top-x.", ""]
 
 
 def markdown_report(title, command, cfg, rows, wheres, families, claim_lines, elapsed, plots, dist_pairs,
@@ -668,7 +686,8 @@ def markdown_report(title, command, cfg, rows, wheres, families, claim_lines, el
     out = report_header(title, command, cfg, rows, elapsed, dist_pairs, dtype)
     for where in wheres:
         out += report_setting(summary, rows, where, families)
-    out += ["## Does the paper's ordering reproduce? (paper §4 Experiments)", "", "```"] + claim_lines + ["```", ""]
+    out += ["## Does the paper's ordering reproduce? (paper §4 Experiments)", "", "```"]
+    out += claim_lines + ["```", ""]
     if any(r["setting"] for r in rows):
         out += report_sweep(summary, rows, wheres, families)
     out += report_costs(cfg.n_layer)
@@ -679,29 +698,34 @@ def markdown_report(title, command, cfg, rows, wheres, families, claim_lines, el
 # --------------------------------------------------------------------------------------------------
 # --- main
 
-SHIPPED = "results"  # the committed results: written only by the default run (see results/README.md)
-SCRATCH = "out"  # every other run writes here unless --out says otherwise (git-ignored)
+# The committed results: written only by the default run (see experiments/results/README.md).
+SHIPPED = os.path.join(HERE, "results")
+SCRATCH = os.path.join(ROOT, "out")  # every other run writes here unless --out says otherwise (git-ignored)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Compare AtP, AtP* and the patching baselines by their cost of "
-                                     "verified recall (AtP* paper, §4 Experiments). Default: the toy IOI model.")
+    parser = argparse.ArgumentParser(description="Compare AtP, AtP* and the patching baselines by their cost "
+                                     "of verified recall (AtP* paper, §4 Experiments). Default: the toy IOI "
+                                     "model.")
     parser.add_argument("--model", default=None, help="a Hugging Face GPT-2 directory; default: toy_model/")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
                         help="model and estimates (default float64: no ranking, and no node's side of the "
-                        "counting threshold, depends on the CPU's float32 rounding; float32 for large models)")
+                        "counting threshold, depends on the CPU's float32 rounding; float32 for large "
+                        "models)")
     parser.add_argument("--pairs", type=int, default=5, help="prompt pairs, each its own single-pair setting")
     parser.add_argument("--seeds", type=int, default=2, help="seeds for Subsampling and Random")
     parser.add_argument("--dist-pairs", type=int, default=8,
                         help="prompt pairs of the distribution setting (0: skip it)")
     parser.add_argument("--no-sweep", action="store_true", help="baselines at their default settings only")
-    parser.add_argument("--out", default=None, help=f"output directory (default: {SHIPPED}/ for the default "
-                        f"run on the toy model, which is what {SHIPPED}/ ships; {SCRATCH}/ for any other run, "
-                        f"which may not write to {SHIPPED}/)")
+    parser.add_argument("--out", default=None, help="output directory (default: experiments/results/ for "
+                        "the default run on the toy model, which is what experiments/results/ ships; out/ "
+                        "for any other run, which may not write to experiments/results/)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the many small "
-                        "patched forwards gain little from more, and more threads slow down badly on a busy machine)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 pairs, 1 seed, no distribution, no sweep")
+                        "patched forwards gain little from more, and more threads slow down badly on a busy "
+                        "machine)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 pairs, 1 seed, no distribution, no sweep")
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.seeds, args.dist_pairs, args.no_sweep = 2, 1, 0, True
@@ -710,8 +734,9 @@ def parse_args(argv):
                       ("model", "device", "dtype", "pairs", "seeds", "dist_pairs", "no_sweep"))
     if args.out is None:
         args.out = SHIPPED if shipped_run else SCRATCH
-    elif os.path.normpath(args.out) == SHIPPED and not shipped_run:
-        parser.error(f"{SHIPPED}/ holds the results of the default run; write this one elsewhere (--out DIR)")
+    elif os.path.abspath(args.out) == SHIPPED and not shipped_run:
+        parser.error("experiments/results/ holds the results of the default run; write this one elsewhere "
+                     "(--out DIR)")
     return args
 
 
@@ -720,7 +745,8 @@ def load(args):
     if args.model is None:
         import toy_ioi
         if not os.path.isdir(toy_ioi.TOY_MODEL_DIR):
-            raise SystemExit(f"{toy_ioi.TOY_MODEL_DIR} not found: run `python toy_ioi.py` to train it")
+            raise SystemExit(f"{toy_ioi.TOY_MODEL_DIR} not found: run `python toy_ioi.py --out toy_model` to "
+                             "train it")
         model = toy_ioi.load_toy_model()
         make = lambda n, seed: toy_ioi.make_pairs(n, split="test", seed=seed)
         label, stem = "toy IOI model (toy_model/)", "compare_toy"
@@ -749,9 +775,11 @@ def run_settings(model, make, args):
         rows.extend(r)
         for (fam, method), runs in cs.items():
             curves.setdefault((where, fam, method), []).extend(runs)
-        rc = {(x["family"], x["method"]): x["rel_cost"] for x in r if x["setting"] == "" and x["seed"] in (None, 0)}
-        print(f"{where} {pair}: " + "; ".join(f"{fam}: AtP {rc[(fam, 'AtP')]:.2f}, AtP* {rc[(fam, 'AtP*')]:.2f}, "
-                                              f"Blocks {rc[(fam, 'Blocks')]:.2f}" for fam in FAMILIES)
+        rc = {(x["family"], x["method"]): x["rel_cost"] for x in r
+              if x["setting"] == "" and x["seed"] in (None, 0)}
+        print(f"{where} {pair}: "
+              + "; ".join(f"{fam}: AtP {rc[(fam, 'AtP')]:.2f}, AtP* {rc[(fam, 'AtP*')]:.2f}, "
+                          f"Blocks {rc[(fam, 'Blocks')]:.2f}" for fam in FAMILIES)
               + f"  ({time.perf_counter() - start:.1f} s)")
     return rows, curves, list(dict.fromkeys(where for where, _, _ in settings))
 
@@ -763,7 +791,8 @@ def write_outputs(args, stem, label, cfg, rows, curves, wheres, claim_lines, ela
     if not all([plot_curves(path, curves, fam, wheres) for path, fam in zip(plots, FAMILIES)]):
         print("matplotlib is not installed: skipped the plots")
         plots = []
-    command = "python compare_methods.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    command = "python experiments/compare_methods.py" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(markdown_report(label, command, cfg, rows, wheres, FAMILIES, claim_lines, elapsed, plots,
                                 args.dist_pairs, args.dtype))
@@ -778,8 +807,8 @@ def main(argv=None):
     began = time.perf_counter()
     model, label, stem, make = load(args)
     cfg = model.config
-    print(f"model: {label}: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}, "
-          f"{args.dtype}")
+    print(f"model: {label}: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, "
+          f"d_mlp {cfg.d_mlp}, {args.dtype}")
     rows, curves, wheres = run_settings(model, make, args)
     summary = summarize(rows)
     claim_lines = claims(summary, rows, wheres, FAMILIES)
@@ -789,11 +818,11 @@ def main(argv=None):
         print(f"\nrelative cost, {where} (geometric mean ×/÷ geometric std; C = own cost per prompt pair):")
         for m in METHOD_ORDER:
             cells = [summary[(where, fam, m)] for fam in FAMILIES]
-            print(f"  {m:>13}: " + "   ".join(f"{fam} {s['gmean']:8.2f} ×/÷ {s['gstd']:.2f} (C {s['own_cost']:6.1f})"
-                                             for fam, s in zip(FAMILIES, cells)))
+            print(f"  {m:>13}: " + "   ".join(f"{fam} {s['gmean']:8.2f} ×/÷ {s['gstd']:.2f} "
+                                             f"(C {s['own_cost']:6.1f})" for fam, s in zip(FAMILIES, cells)))
     print("\n" + "\n".join(claim_lines))
-    print(f"\nwrote {os.path.join(args.out, stem)}.md, .csv" + "".join(f", {os.path.basename(p)}" for p in plots)
-          + f" in {elapsed:.0f} s")
+    print(f"\nwrote {os.path.join(args.out, stem)}.md, .csv"
+          + "".join(f", {os.path.basename(p)}" for p in plots) + f" in {elapsed:.0f} s")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,14 @@ The noise prompt differs from the clean one at positions T/2, 3T/4 and T-2 (so, 
 every node at positions >= T/2 moves). Metric: atp_minimal.logit_diff at the last position.
 With CUDA, the same table is also made on the GPU: bf16 model, larger B and T, float32 estimates.
 
-    python bench.py                 # a few minutes on 2 CPU cores; writes results/bench_cpu.md
-    python bench.py --quick         # about a minute: fewer nodes and repeats, some values extrapolated;
-                                    # writes out/bench_cpu.md (never the shipped results/)
-    python bench.py --out FILE.md   # write the CPU table elsewhere (the GPU one goes to --gpu-out)
+    python experiments/bench.py                # a few minutes on 2 CPU cores; writes
+                                               # experiments/results/bench_cpu.md
+    python experiments/bench.py --quick        # about a minute: fewer nodes and repeats, some values
+                                               # extrapolated; writes out/bench_cpu.md (never the
+                                               # shipped experiments/results/)
+    python experiments/bench.py --out FILE.md  # write the CPU table elsewhere (the GPU one goes to --gpu-out)
+    python experiments/bench.py --tl-adapter   # exact patching: tl_adapter against transformer_lens.patching;
+                                               # writes experiments/results/bench_tl_adapter.md
 
 Threads: by default as many torch threads as there are cores not already busy (cores minus the 1-minute
 load average, at least 1). More threads than free cores makes each parallel op wait at its barrier for
@@ -55,8 +59,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/: the shipped tables go to results/ here
+ROOT = os.path.dirname(HERE)  # the repository root: atp_minimal.py, model.py, and out/ for scratch runs
+sys.path.insert(0, ROOT)
 import atp_minimal as atp  # noqa: E402
 import model as gpt  # noqa: E402
 
@@ -76,7 +81,8 @@ class Settings:
     patch_nodes_per_layer: int  # row 5: neurons patched in layer 0 and in layer L-1
     naive_patch_nodes: int  # row 5: nodes for the naive one-forward-per-node loop
     chunk_size: int  # row 5: rows per batched forward (atp_minimal's default is 256)
-    graddrop_passes: Optional[int]  # row 4: None = all L passes of the naive GradDrop; k = time k, extrapolate
+    graddrop_passes: Optional[int]  # row 4: None = all L passes of the naive GradDrop; k = time k,
+    #                                 extrapolate
     keyfix_T: Tuple[int, ...]  # row 6
     keyfix_naive_max_T: int  # row 6: the naive key fix is extrapolated above this T
     memory_configs: Tuple[Tuple[int, int], ...]  # row 7: (L, T) pairs
@@ -91,7 +97,8 @@ def cpu_settings(quick: bool, seed: int) -> Settings:
         patch_nodes_per_layer=16 if quick else 32, naive_patch_nodes=4 if quick else 6,
         chunk_size=128 if quick else 256, graddrop_passes=2 if quick else None,
         keyfix_T=(16, 32, 64, 128, 256), keyfix_naive_max_T=128 if quick else 256,
-        memory_configs=((12, 16), (12, 32), (6, 16)) if quick else ((12, 16), (12, 32), (12, 64), (6, 16), (6, 64)),
+        memory_configs=(((12, 16), (12, 32), (6, 16)) if quick
+                        else ((12, 16), (12, 32), (12, 64), (6, 16), (6, 64))),
         memory_atp_reference=not quick, profile=not quick, seed=seed)
 
 
@@ -235,10 +242,10 @@ def forward_backward(model, clean, metric):
 
 def literal_grad_drop_passes(model, clean, noise, metric, layers):
     """Some of the passes of atp_minimal.atp_star_reference (literal GradDrop, §3 Methods), for timing:
-    for each layer l in `layers`, atp_estimates_reference with the QK fix and layer l's residual writes
-    detached, i.e. one noise forward and one clean forward+backward. Scores kind -> (B, L, T, U) each."""
+    for each layer l in `layers`, atp_qk_fix_reference on the model with layer l's residual writes
+    detached (GradientDropped). Estimates kind -> (B, L, T, U) each."""
     units = atp.grad_drop_units(model)  # per layer: [hook_attn_out, hook_mlp_out]
-    return [atp.atp_estimates_reference(model, clean, noise, metric, qk_fix=True, detach=units[l])
+    return [atp.atp_qk_fix_reference(atp.GradientDropped(model, units[l]), clean, noise, metric)
             for l in layers]
 
 
@@ -314,7 +321,8 @@ def measure_memory_cpu(s: Settings, threads: int):
         if done.returncode == 0:
             rows.append((n_layer, T, json.loads(done.stdout.strip().splitlines()[-1])))
         else:  # out of memory (killed) or an error: reported as OOM, left out of the fits
-            print(f"memory run L={n_layer} T={T} failed (exit {done.returncode}):\n{done.stderr[-2000:]}", flush=True)
+            print(f"memory run L={n_layer} T={T} failed (exit {done.returncode}):\n{done.stderr[-2000:]}",
+                  flush=True)
             rows.append((n_layer, T, {"forward": math.nan, "atp": math.nan, "atp_star": math.nan}))
     return rows
 
@@ -429,7 +437,7 @@ def source_digest() -> str:
     import hashlib
     h = hashlib.sha256()
     for name in ("atp_minimal.py", "model.py"):
-        with open(os.path.join(HERE, name), "rb") as f:
+        with open(os.path.join(ROOT, name), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:12]
 
@@ -493,7 +501,8 @@ def row_forward_backward(run: Run) -> Row:
     """Row 1: one forward + backward, the floor of any gradient method."""
     run.log("row 1: forward, forward+backward")
     fb = run.clock.in_F(lambda: forward_backward(run.model, run.clean, run.metric), run.s.repeats)
-    return Row("1", "forward + backward (activation gradients only, no weight gradients)", "-", fb.text(), "-")
+    return Row("1", "forward + backward (activation gradients only, no weight gradients)", "-", fb.text(),
+               "-")
 
 
 def rows_atp(run: Run) -> Tuple[List[Row], Measure]:
@@ -511,7 +520,8 @@ def rows_atp(run: Run) -> Tuple[List[Row], Measure]:
             Row("3", "AtP + QK fix", "<= 5.5 F", m_qk.text(), verdict(m_qk.ratio <= 5.5)),
             Row("4", "AtP* (AtP + QK fix + GradDrop)", "<= 16 F", m_star.text(), verdict(m_star.ratio <= 16)),
             Row("4", "AtP* cost split: QK fix adds (row 3 - row 2), GradDrop adds (row 4 - row 3)", "-",
-                f"QK fix {m_qk.ratio - m_atp.ratio:+.2f} F, GradDrop {m_star.ratio - m_qk.ratio:+.2f} F", "-")]
+                f"QK fix {m_qk.ratio - m_atp.ratio:+.2f} F, GradDrop {m_star.ratio - m_qk.ratio:+.2f} F",
+                "-")]
     return rows, m_star
 
 
@@ -522,11 +532,12 @@ def row_literal_grad_drop(run: Run, m_star: Measure) -> Row:
     run.log("row 4: literal GradDrop (atp_star_reference)")
     k = run.s.graddrop_passes
     if k is None:
-        m_ref = run.clock.in_F(lambda: atp.atp_star_reference(model, clean, noise, metric), run.s.heavy_repeats,
-                               keep=True)
+        m_ref = run.clock.in_F(lambda: atp.atp_star_reference(model, clean, noise, metric),
+                               run.s.heavy_repeats, keep=True)
         diff = max(max_rel_diff(m_ref.out[kind], m_star.out[kind]) for kind in atp.KINDS)
         ratio = m_ref.ratio
-        note = f"{m_ref.text()}; = {ratio / m_star.ratio:.1f}x AtP*; same scores as atp_star (max rel. diff {diff:.1e})"
+        note = (f"{m_ref.text()}; = {ratio / m_star.ratio:.1f}x AtP*; same scores as atp_star "
+                f"(max rel. diff {diff:.1e})")
     else:
         layers = [round(i * (L - 1) / max(k - 1, 1)) for i in range(k)]
         m_ref = run.clock.in_F(lambda: literal_grad_drop_passes(model, clean, noise, metric, layers),
@@ -534,9 +545,9 @@ def row_literal_grad_drop(run: Run, m_star: Measure) -> Row:
         ratio = m_ref.ratio * L / k
         note = (f"~{ratio:.1f} F (extrapolated from {k} of {L} passes: {m_ref.text()}); "
                 f"= {ratio / m_star.ratio:.1f}x AtP*")
-    return Row("4", f"literal GradDrop (atp_minimal.atp_star_reference): {L} passes, each a noise forward and a "
-               "clean forward+backward with hook_attn_out/hook_mlp_out detached, q/k by the O(T^3) key fix", "-",
-               note, "-")
+    return Row("4", f"literal GradDrop (atp_minimal.atp_star_reference): {L} passes, each a noise forward "
+               "and a clean forward+backward with hook_attn_out/hook_mlp_out detached, q/k by the O(T^3) "
+               "key fix", "-", note, "-")
 
 
 def patching_nodes(run: Run) -> List[tuple]:
@@ -554,7 +565,8 @@ def rows_patching(run: Run) -> List[Row]:
     """Row 5: exhaustive patching of neurons, batched (atp_minimal.verify) against the naive loop of one
     full forward per node; the two must give the same effects."""
     run.log("row 5: exhaustive patching")
-    model, clean, noise, metric, s, L = run.model, run.clean, run.noise, run.metric, run.s, run.model.config.n_layer
+    model, clean, noise, metric, s = run.model, run.clean, run.noise, run.metric, run.s
+    L = model.config.n_layer
     nodes = patching_nodes(run)
     sites = [atp.site("neuron", l) for l in (0, L - 1)]
     with torch.no_grad():
@@ -563,13 +575,15 @@ def rows_patching(run: Run) -> List[Row]:
     moved = sum(bool((noise_acts[atp.site(k, l)][:, p, u] != clean_acts[atp.site(k, l)][:, p, u]).any())
                 for k, l, p, u in nodes)
     batched = run.clock.in_F(lambda: atp.verify(model, clean, noise, metric, nodes, len(nodes),
-                                                chunk_size=s.chunk_size, progress=False), s.heavy_repeats, keep=True)
+                                                chunk_size=s.chunk_size, progress=False),
+                             s.heavy_repeats, keep=True)
     naive_nodes = nodes[::max(1, len(nodes) // s.naive_patch_nodes)][:s.naive_patch_nodes]
     naive = run.clock.in_F(lambda: atp.patch_node_sets_reference(model, clean, noise, metric,
                                                                  [[n] for n in naive_nodes]),
                            s.heavy_repeats, keep=True)  # (N, B): one full forward per node
     # ... after the noise and clean runs it makes once per call, timed alone and taken off
-    setup = run.clock.in_F(lambda: atp.patch_node_sets_reference(model, clean, noise, metric, []), s.heavy_repeats)
+    setup = run.clock.in_F(lambda: atp.patch_node_sets_reference(model, clean, noise, metric, []),
+                           s.heavy_repeats)
     per_node_batched = batched.ratio / len(nodes)
     per_node_naive = (naive.ratio - setup.ratio) / len(naive_nodes)
     F_sec = statistics.median(run.clock.F_samples)
@@ -603,7 +617,8 @@ def time_key_fix(run: Run) -> List[tuple]:
         if T <= s.keyfix_naive_max_T:
             fns.append((T, "naive", lambda a=args: atp.key_fix_reference(*a)))  # (1, S, H)
             agreement[T] = max_rel_diff(fns[-2][2](), fns[-1][2]())
-    timed = dict(zip([(T, which) for T, which, _ in fns], run.clock.per_call([f for _, _, f in fns], s.repeats)))
+    timed = dict(zip([(T, which) for T, which, _ in fns],
+                     run.clock.per_call([f for _, _, f in fns], s.repeats)))
     return [(T, timed[(T, "closed")], timed.get((T, "naive")), agreement.get(T)) for T in s.keyfix_T]
 
 
@@ -620,7 +635,8 @@ def rows_key_fix(kf: List[tuple]) -> Tuple[List[Row], List[str]]:
     for T, tc, tn, agree in kf:
         if tn is None:
             tn = last_t * (T / last_T) ** p_naive
-            lines.append(f"| {T} | {1e3 * tc:.3f} ms | ~{1e3 * tn:.1f} ms (extrapolated) | ~{tn / tc:.0f}x | - |")
+            lines.append(f"| {T} | {1e3 * tc:.3f} ms | ~{1e3 * tn:.1f} ms (extrapolated) | "
+                         f"~{tn / tc:.0f}x | - |")
         else:
             lines.append(f"| {T} | {1e3 * tc:.3f} ms | {1e3 * tn:.2f} ms | {tn / tc:.0f}x | {agree:.1e} |")
     T_max, t_closed_max, t_naive_max, _ = kf[-1]
@@ -648,7 +664,8 @@ def rows_memory(run: Run, mem) -> List[Row]:
                         "exponent p of MB ~ T^p", "<= 1.25 (linear in T)",
                         f"{p_T:.2f} ({', '.join(f'{v:.0f}' for _, v in full_L)} MB)", verdict(p_T <= 1.25)))
     by_LT = {(n_layer, T): m["atp_star"] for n_layer, T, m in ok}
-    pairs = [(T, n_layer, by_LT[(L, T)] / v) for (n_layer, T), v in by_LT.items() if n_layer < L and (L, T) in by_LT]
+    pairs = [(T, n_layer, by_LT[(L, T)] / v) for (n_layer, T), v in by_LT.items()
+             if n_layer < L and (L, T) in by_LT]
     if pairs:
         small_L = min(n for _, n, _ in pairs)
         limit = 1.125 * L / small_L  # linear in L gives L / small_L; L x growth (quadratic) its square
@@ -658,12 +675,12 @@ def rows_memory(run: Run, mem) -> List[Row]:
                         verdict(max(r for _, _, r in pairs) <= limit)))
     star_over_atp = [m["atp_star"] / m["atp"] for _, _, m in ok if not math.isnan(m.get("atp", math.nan))]
     if run.s.memory_atp_reference and star_over_atp:
-        rows.append(Row("7", "AtP* peak / AtP peak (ideally ~1: GradDrop needs no extra copies per layer)", "-",
-                        f"{min(star_over_atp):.2f}-{max(star_over_atp):.2f}", "-"))
+        rows.append(Row("7", "AtP* peak / AtP peak (ideally ~1: GradDrop needs no extra copies per layer)",
+                        "-", f"{min(star_over_atp):.2f}-{max(star_over_atp):.2f}", "-"))
     graph = any(m.get("graph", False) for _, _, m in mem)
-    rows.append(Row("7", "scores returned by atp_star are plain tensors (no autograd graph attached, which would keep "
-                    "the forward's saved tensors alive)", "no graph", "graph attached" if graph else "no graph",
-                    verdict(not graph)))
+    rows.append(Row("7", "scores returned by atp_star are plain tensors (no autograd graph attached, which "
+                    "would keep the forward's saved tensors alive)", "no graph",
+                    "graph attached" if graph else "no graph", verdict(not graph)))
     return rows
 
 
@@ -685,15 +702,17 @@ def memory_table(run: Run, mem) -> List[str]:
 def describe_run(run: Run, threads: int, threads_why: str, load_start, digest_start: str) -> List[str]:
     """The section's heading and the paragraph that says what was measured, how, and under what load."""
     s, cfg, device = run.s, run.model.config, torch.device(run.s.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else (platform.processor() or platform.machine()))
     if device.type == "cpu" and os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     out = [f"## {device.type.upper()}: {name}", "",
            f"torch {torch.__version__}, torch threads: {threads} of {usable_cores()} cores ({threads_why}), "
            f"{str(s.dtype).replace('torch.', '')} model; GPT-2-small "
-           f"shape with random weights (L={cfg.n_layer}, H={cfg.n_head}, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}, "
-           f"vocab {cfg.vocab_size}); B={s.B} prompt pairs, T={s.T}; noise differs at positions {diff_positions(s.T)}; "
+           f"shape with random weights (L={cfg.n_layer}, H={cfg.n_head}, d_model {cfg.n_embd}, "
+           f"d_mlp {cfg.d_mlp}, vocab {cfg.vocab_size}); B={s.B} prompt pairs, T={s.T}; noise differs at "
+           f"positions {diff_positions(s.T)}; "
            f"metric logit_diff at the last position; after one warm-up, {s.repeats} timed repeats per row "
            f"({s.heavy_repeats} for the reference forms and the patching sweep), median reported. "
            f"Run time {time.perf_counter() - run.t_start:.0f} s."]
@@ -702,8 +721,8 @@ def describe_run(run: Run, threads: int, threads_why: str, load_start, digest_st
         cores = usable_cores()
         busy = max(load_start[0], load_end[0]) > cores + 0.5
         out.append(f"Load average (1 min) {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end, on "
-                   f"{cores} cores" + (": the machine was shared, so absolute times are inflated and ratios noisier "
-                                       "than usual (see the ranges)." if busy else "."))
+                   f"{cores} cores" + (": the machine was shared, so absolute times are inflated and ratios "
+                                       "noisier than usual (see the ranges)." if busy else "."))
     digest_end = source_digest()
     out.append(f"Code measured: sha256 of atp_minimal.py + model.py = {digest_start}" +
                ("." if digest_end == digest_start else
@@ -718,22 +737,22 @@ def render(run: Run, rows: List[Row], key_fix_lines: List[str], memory_lines: Li
     cfg, s = run.model.config, run.s
     out = ["", "| # | measurement | target | measured | status |", "|---|---|---|---|---|"]
     out += [f"| {r.num} | {r.what} | {r.target} | {r.measured} | {r.status} |" for r in rows]
-    out += ["", "Row 4: atp_star_reference is GradDrop as the paper defines it, built from atp_estimates_reference; "
-            "each of its L passes also reruns the noise forward (L - 1 F more than a loop that caches it once) "
-            "and computes the key fix literally (key_fix_reference).",
-            "", "Row 5: a node is one (layer, position, neuron), patched with its noise value in all B pairs at "
-            "once; one node gives I(n) for every pair. The batched time includes atp_minimal.verify's own clean "
-            "and noise caching forwards; the naive loop's noise values are cached beforehand, not timed (so each "
-            "node costs one patched forward; patch_nodes and verify_reference also rerun the noise and clean "
-            "forwards for every node, 3 F per node). Layers 0 and L-1 are patched equally often: resuming at "
-            "them runs L and 1 blocks, on average the same as a sweep over every layer.",
-            "", f"### Row 6: key fix timings (B=1, H={cfg.n_head}, Dh={cfg.d_head}, float32; median per call over "
-            f"{s.repeats} rounds that sample every T in turn)", ""] + key_fix_lines
+    out += ["", "Row 4: atp_star_reference is GradDrop as the paper defines it, built from "
+            "atp_estimates_reference; each of its L passes also reruns the noise forward (L - 1 F more than "
+            "a loop that caches it once) and computes the key fix literally (key_fix_reference).",
+            "", "Row 5: a node is one (layer, position, neuron), patched with its noise value in all B pairs "
+            "at once; one node gives I(n) for every pair. The batched time includes atp_minimal.verify's own "
+            "clean and noise caching forwards; the naive loop's noise values are cached beforehand, not "
+            "timed (so each node costs one patched forward; patch_nodes and verify_reference also rerun the "
+            "noise and clean forwards for every node, 3 F per node). Layers 0 and L-1 are patched equally "
+            "often: resuming at them runs L and 1 blocks, on average the same as a sweep over every layer.",
+            "", f"### Row 6: key fix timings (B=1, H={cfg.n_head}, Dh={cfg.d_head}, float32; median per call "
+            f"over {s.repeats} rounds that sample every T in turn)", ""] + key_fix_lines
     out += ["", f"### Row 7: peak memory above the baseline (model + inputs), B={s.B}", "",
-            ("Each configuration runs in a fresh process: peak = VmHWM (reset via /proc/self/clear_refs) minus "
-             "VmRSS before the run, with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors are unmapped and "
-             "the RSS follows live tensor memory. A tiny AtP* run first pulls in one-off library buffers. "
-             "Same thread count as above."
+            ("Each configuration runs in a fresh process: peak = VmHWM (reset via /proc/self/clear_refs) "
+             "minus VmRSS before the run, with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors are "
+             "unmapped and the RSS follows live tensor memory. A tiny AtP* run first pulls in one-off "
+             "library buffers. Same thread count as above."
              if s.device == "cpu" else
              "torch.cuda.max_memory_allocated() minus memory_allocated() before the run (model and inputs)."),
             ""] + memory_lines
@@ -781,23 +800,24 @@ def write_report(lines, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute on 2 idle CPU cores")
-    parser.add_argument("--out", default=None, help="CPU table (markdown); default results/bench_cpu.md, "
-                        "or out/bench_cpu.md with --quick (a quick run never overwrites the shipped table)")
+    parser.add_argument("--out", default=None, help="CPU table (markdown); default "
+                        "experiments/results/bench_cpu.md, or out/bench_cpu.md with --quick (a quick run "
+                        "never overwrites the shipped table)")
     parser.add_argument("--gpu-out", default=None,
-                        help="GPU table (markdown), written when CUDA is available; default results/bench_gpu.md, "
-                        "or out/bench_gpu.md with --quick")
+                        help="GPU table (markdown), written when CUDA is available; default "
+                        "experiments/results/bench_gpu.md, or out/bench_gpu.md with --quick")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the CPU table, and the GPU table too when CUDA is available")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: the cores this process may use, less those the 1-minute load "
-                             "average says are busy, at least 1)")
+                        help="CPU threads (default: the cores this process may use, less those the 1-minute "
+                             "load average says are busy, at least 1)")
     parser.add_argument("--gpu-batch", type=int, default=32, help="B on the GPU")
     parser.add_argument("--gpu-seq", type=int, default=128, help="T on the GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-child", nargs=6, metavar=("L", "T", "B", "SEED", "THREADS", "ATP"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    folder = os.path.join(HERE, "out" if args.quick else "results")
+    folder = os.path.join(ROOT, "out") if args.quick else os.path.join(HERE, "results")
     args.out = args.out or os.path.join(folder, "bench_cpu.md")
     args.gpu_out = args.gpu_out or os.path.join(folder, "bench_gpu.md")
     if args.memory_child:
@@ -805,8 +825,8 @@ def main(argv=None):
         memory_child(L, T, B, seed, threads, bool(with_atp))
         return
     threads = args.threads or auto_threads()
-    threads_why = ("fixed by --threads, not left to the load average, which on a shared machine moves from run to "
-                   "run" if args.threads else "the cores the 1-minute load average left free")
+    threads_why = ("fixed by --threads, not left to the load average, which on a shared machine moves from "
+                   "run to run" if args.threads else "the cores the 1-minute load average left free")
     torch.set_num_threads(threads)
 
     jobs = []
@@ -819,10 +839,11 @@ def main(argv=None):
     for settings, path in jobs:
         print(f"== {settings.device}: B={settings.B}, T={settings.T}, {settings.dtype}", flush=True)
         lines = ["# AtP* benchmark: cost in forward passes", "",
-                 f"`python bench.py{' --quick' if args.quick else ''}"
-                 f"{f' --threads {args.threads}' if args.threads else ''}`. F = one forward pass (no grad) of the "
-                 "B clean prompts, timed around every repeat of every row; each ratio is a method's time over "
-                 "the mean of the two F timings around it.", ""] + run_table(settings, threads, threads_why)
+                 f"`python experiments/bench.py{' --quick' if args.quick else ''}"
+                 f"{f' --threads {args.threads}' if args.threads else ''}`. F = one forward pass (no grad) "
+                 "of the B clean prompts, timed around every repeat of every row; each ratio is a method's "
+                 "time over the mean of the two F timings around it.", ""]
+        lines += run_table(settings, threads, threads_why)
         write_report(lines, path)
 
 
@@ -830,7 +851,8 @@ def main(argv=None):
 # --- exact patching on a TransformerLens model: tl_adapter's resumed sweep vs TransformerLens's helpers
 
 
-def bench_tl_adapter(T=16, sample=24, seed=0, threads=1, out=os.path.join(HERE, "results", "bench_tl_adapter.md")):
+def bench_tl_adapter(T=16, sample=24, seed=0, threads=1,
+                     out=os.path.join(HERE, "results", "bench_tl_adapter.md")):
     """Seconds per patched node, same process: atp_minimal.activation_patching on tl_adapter.adapt(model)
     (batched nodes, resumed at the patched layer and position through TransformerLens's start_at_layer
     and key-value cache, last-position logits only) against transformer_lens.patching's
@@ -855,15 +877,18 @@ def bench_tl_adapter(T=16, sample=24, seed=0, threads=1, out=os.path.join(HERE, 
     metric = atp.logit_diff(11, 22)  # logit of token 11 minus token 22 at the last position
     adapted = tl_adapter.adapt(model)
     tl_patching.tqdm = lambda items, **kwargs: items  # no progress bars in the timings
-    helpers = {"q": tl_patching.get_act_patch_attn_head_q_by_pos, "k": tl_patching.get_act_patch_attn_head_k_by_pos,
-               "v": tl_patching.get_act_patch_attn_head_v_by_pos, "z": tl_patching.get_act_patch_attn_head_out_by_pos}
+    helpers = {"q": tl_patching.get_act_patch_attn_head_q_by_pos,
+               "k": tl_patching.get_act_patch_attn_head_k_by_pos,
+               "v": tl_patching.get_act_patch_attn_head_v_by_pos,
+               "z": tl_patching.get_act_patch_attn_head_out_by_pos}
     with torch.no_grad():
         base = metric(model(clean)).item()
         _, noise_cache = model.run_with_cache(noise)
     rows, total_ours, total_theirs = [], 0.0, 0.0
     for kind, helper in helpers.items():
         start = time.perf_counter()
-        ours = atp.activation_patching(adapted, clean, noise, metric, kinds=(kind,), progress=False)[kind][0]  # (L, T, H)
+        ours = atp.activation_patching(adapted, clean, noise, metric, kinds=(kind,),
+                                       progress=False)[kind][0]  # (L, T, H)
         ours_s = (time.perf_counter() - start) / ours.numel()
         index = torch.randperm(ours.numel(), generator=g)[:sample]
         l, t, h = (index // (T * cfg.n_heads)), (index // cfg.n_heads) % T, index % cfg.n_heads
@@ -878,12 +903,12 @@ def bench_tl_adapter(T=16, sample=24, seed=0, threads=1, out=os.path.join(HERE, 
         total_ours, total_theirs = total_ours + ours_s, total_theirs + theirs_s
         print(rows[-1], flush=True)
     lines = ["# Exact patching on a TransformerLens model: tl_adapter vs transformer_lens.patching", "",
-             f"`python bench.py --tl-adapter`: random GPT-2-small-shaped HookedTransformer (12 layers, 12 heads, "
-             f"d_model 768, vocab 50257), float32, CPU, {threads} thread(s), transformer-lens "
-             f"{tl_adapter.version('transformer-lens')}, torch {torch.__version__}. One prompt pair, T = {T}, noise "
-             f"differs at positions 0 and {T // 2}; metric: logit difference at the last position. Ours: every node "
-             f"of the kind; TransformerLens: {sample} random nodes of it. Max diff: our effect minus theirs on "
-             f"those nodes (float32).", "",
+             f"`python experiments/bench.py --tl-adapter`: random GPT-2-small-shaped HookedTransformer "
+             f"(12 layers, 12 heads, d_model 768, vocab 50257), float32, CPU, {threads} thread(s), "
+             f"transformer-lens {tl_adapter.version('transformer-lens')}, torch {torch.__version__}. "
+             f"One prompt pair, T = {T}, noise differs at positions 0 and {T // 2}; metric: logit difference "
+             f"at the last position. Ours: every node of the kind; TransformerLens: {sample} random nodes of "
+             f"it. Max diff: our effect minus theirs on those nodes (float32).", "",
              "| kind | nodes (ours) | ms/node (ours) | nodes (TL) | ms/node (TL) | speed-up | max diff |",
              "|---|---|---|---|---|---|---|"] + rows + ["",
              f"Mean over the four kinds: {total_theirs / total_ours:.1f}x fewer seconds per node than "
@@ -892,7 +917,7 @@ def bench_tl_adapter(T=16, sample=24, seed=0, threads=1, out=os.path.join(HERE, 
 
 
 if __name__ == "__main__":
-    if "--tl-adapter" in sys.argv[1:]:  # python bench.py --tl-adapter [--tl-seq T] [--threads N]
+    if "--tl-adapter" in sys.argv[1:]:  # python experiments/bench.py --tl-adapter [--tl-seq T] [--threads N]
         extra = argparse.ArgumentParser(description="exact patching: tl_adapter vs transformer_lens.patching")
         extra.add_argument("--tl-adapter", action="store_true")
         extra.add_argument("--tl-seq", type=int, default=16, help="prompt length T")

@@ -1,13 +1,14 @@
 """
-The figures of tutorial.md, from the shipped toy IOI model (toy_model/) and 4 held-out prompt pairs:
+The figures of tutorial.md, from the shipped toy IOI model (toy_model/) and 4 held-out prompt pairs,
+written to experiments/figures/:
 
-  figures/saturated_head.png         layer 0 head 3 at the subject position: a saturated attention row that
-                                     AtP reads as "no effect", and the row the noise query produces
-  figures/atp_vs_exact.png           |estimate| against |c(n)| for every attention node: AtP, AtP+QK fix, AtP*
-  figures/cost_of_verified_recall.png  forward passes until the true top-x attention nodes are all verified,
-                                     for AtP, AtP+QK fix, AtP+GradDrop and AtP* (paper §4 Experiments)
+  saturated_head.png           layer 0 head 3 at the subject position: a saturated attention row that
+                               AtP reads as "no effect", and the row the noise query produces
+  atp_vs_exact.png             |estimate| against |c(n)| for every attention node: AtP, AtP+QK fix, AtP*
+  cost_of_verified_recall.png  forward passes until the true top-x attention nodes are all verified,
+                               for AtP, AtP+QK fix, AtP+GradDrop and AtP* (paper §4 Experiments)
 
-    python make_figures.py           # about 10 s on one CPU core; needs matplotlib
+    python experiments/make_figures.py   # about 10 s on one CPU core; needs matplotlib
 
 Everything is computed in float64 (the checkpoint is float32; `.double()` after loading), so no point,
 rank or curve depends on the CPU's float32 rounding, and no title carries a count that could. The same code,
@@ -15,6 +16,7 @@ checkpoint and matplotlib give the same PNG files (no version string in their me
 """
 
 import os
+import sys
 
 import matplotlib
 
@@ -22,15 +24,18 @@ matplotlib.use("Agg")  # files only, no window
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/
+ROOT = os.path.dirname(HERE)  # the repository root: atp_minimal.py, model.py, toy_ioi.py
+sys.path.insert(0, ROOT)
 import atp_minimal as atp  # noqa: E402
 import compare_methods  # noqa: E402
 import toy_ioi  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "figures")
 ATTN = ("q", "k", "v", "z")
 MISSED = ("q", 0, 10, 3)  # the node the tutorial's §4 follows: query of layer 0, head 3, at the subject
-METHODS = {"AtP": (False, False), "AtP+QK fix": (True, False), "AtP+GradDrop": (False, True), "AtP*": (True, True)}
+METHODS = {"AtP": (False, False), "AtP+QK fix": (True, False), "AtP+GradDrop": (False, True),
+           "AtP*": (True, True)}  # name -> (qk_fix, grad_drop)
 COLORS = {"q": "tab:red", "k": "tab:orange", "v": "tab:blue", "z": "tab:green"}
 
 
@@ -38,7 +43,7 @@ def save(fig, name):
     path = os.path.join(OUT, name)
     fig.savefig(path, dpi=80, metadata={"Software": None})  # no version string: byte-stable across runs
     plt.close(fig)
-    print(f"wrote {os.path.relpath(path, HERE)} ({os.path.getsize(path) / 1000:.0f} kB)")
+    print(f"wrote {os.path.relpath(path, ROOT)} ({os.path.getsize(path) / 1000:.0f} kB)")
 
 
 # --- the data: exact effects and the four estimates for the attention nodes
@@ -47,11 +52,13 @@ def compute():
     model = toy_ioi.load_toy_model().double()  # float64: nothing below depends on float32 rounding
     clean, noise, answer, wrong = toy_ioi.make_pairs(4, "test", seed=0)
     metric = atp.logit_diff(answer, wrong)
-    exact = atp.activation_patching(model, clean, noise, metric, kinds=ATTN, progress=False)  # kind -> (B, L, T, H)
+    exact = atp.activation_patching(model, clean, noise, metric, kinds=ATTN,
+                                    progress=False)  # kind -> (B, L, T, H)
     truth = {k: v.mean(0) for k, v in exact.items()}  # c(n), kind -> (L, T, H)
     scores = {}
     for name, (qk_fix, grad_drop) in METHODS.items():
-        est = atp.attribution_patching(model, clean, noise, metric, kinds=ATTN, qk_fix=qk_fix, grad_drop=grad_drop)
+        est = atp.attribution_patching(model, clean, noise, metric, kinds=ATTN, qk_fix=qk_fix,
+                                       grad_drop=grad_drop)
         # |.| per pair, then the mean (GradDrop's per-pair scores are already >= 0)
         scores[name] = {k: v.abs().mean(0) for k, v in est.items()}  # kind -> (L, T, H)
     return model, clean, noise, truth, scores
@@ -64,7 +71,8 @@ def flat(per_kind):
 
 def nodes_in_flat_order(truth):
     """The node tuples (kind, layer, pos, head) in the order of flat()'s vector."""
-    return [(k,) + tuple(i.tolist()) for k in ATTN for i in torch.nonzero(torch.ones_like(truth[k], dtype=torch.bool))]
+    return [(k,) + tuple(i.tolist()) for k in ATTN
+            for i in torch.nonzero(torch.ones_like(truth[k], dtype=torch.bool))]
 
 
 def rank_of(node, scores):
@@ -110,11 +118,10 @@ def saturated_head(model, clean, noise, scores):
     right.set_xticks(x, words[:t + 1], rotation=90, fontsize=8)
     right.set_ylabel("attention probability")
     top = int(pattern[b, t].argmax())
-    off_top = float(torch.cat([pattern[b, t, :top], pattern[b, t, top + 1:]]).sum())  # weight on the other keys
-    right.set_title(f"row t={t} ('{words[t]}'): {1 - off_top:.6f} on '{words[top]}', {off_top:.1e} on the rest\n"
-                    f"{atp.node_label(MISSED)}: AtP rank "
-                    f"#{rank_of(MISSED, scores['AtP'])}, AtP+QK fix rank #{rank_of(MISSED, scores['AtP+QK fix'])}",
-                    fontsize=10)
+    off_top = float(torch.cat([pattern[b, t, :top], pattern[b, t, top + 1:]]).sum())  # on the other keys
+    right.set_title(f"row t={t} ('{words[t]}'): {1 - off_top:.6f} on '{words[top]}', {off_top:.1e} on the "
+                    f"rest\n{atp.node_label(MISSED)}: AtP rank #{rank_of(MISSED, scores['AtP'])}, "
+                    f"AtP+QK fix rank #{rank_of(MISSED, scores['AtP+QK fix'])}", fontsize=10)
     right.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     save(fig, "saturated_head.png")
@@ -126,7 +133,8 @@ def atp_vs_exact(truth, scores):
     c = flat(truth).abs()  # (N,)
     nodes = nodes_in_flat_order(truth)
     kinds = [n[0] for n in nodes]
-    keep = torch.zeros(len(c), dtype=torch.bool)  # the nodes that count in compare_methods: |c(n)| >= 1e-3 max
+    # the nodes that count in compare_methods: |c(n)| >= 1e-3 max
+    keep = torch.zeros(len(c), dtype=torch.bool)
     keep[compare_methods.true_top(c)] = True
     missed = nodes.index(MISSED)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), sharex=True, sharey=True)
@@ -137,8 +145,8 @@ def atp_vs_exact(truth, scores):
             mask = keep & torch.tensor([kk == k for kk in kinds])
             ax.scatter(c[mask], s[mask], s=10, alpha=0.7, color=COLORS[k], label=k)
         ax.scatter([c[missed]], [s[missed]], s=160, facecolors="none", edgecolors="black", linewidths=1.5)
-        ax.annotate(atp.node_label(MISSED), (c[missed], s[missed]), textcoords="offset points", xytext=(-95, -75),
-                    fontsize=8, arrowprops=dict(arrowstyle="->", linewidth=0.8))
+        ax.annotate(atp.node_label(MISSED), (c[missed], s[missed]), textcoords="offset points",
+                    xytext=(-95, -75), fontsize=8, arrowprops=dict(arrowstyle="->", linewidth=0.8))
         ax.plot([1e-3, 30], [1e-3, 30], color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -148,8 +156,9 @@ def atp_vs_exact(truth, scores):
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel(f"estimate (mean over pairs of |.|), floored at {floor:g}")
     axes[0].legend(title="kind", fontsize=8, loc="upper left")
-    fig.suptitle(f"toy IOI model, 4 prompt pairs: the attention nodes with |c(n)| >= {compare_methods.COUNTED:g} "
-                 "x the largest (those that count in compare_methods.py)", fontsize=10)
+    fig.suptitle(f"toy IOI model, 4 prompt pairs: the attention nodes with |c(n)| >= "
+                 f"{compare_methods.COUNTED:g} x the largest (those that count in compare_methods.py)",
+                 fontsize=10)
     fig.tight_layout()
     save(fig, "atp_vs_exact.png")
 

@@ -9,7 +9,7 @@ hurt at small depth, measured.
 The models: the toy IOI task of toy_ioi.py, one recipe at every depth (d_model 64, 4 heads, AdamW lr
 1e-3, batch 128, 1200 steps), L = 2, 4, 8 and 12 layers, two training seeds per depth that reach 95%
 held-out accuracy (a model below that is not used, and the next seed is tried; at L = 2 only one of
-six seeds gets there). The checkpoints ship in depth_models/L{L}_seed{s}/ with their accuracy and
+six seeds gets there). The checkpoints ship in experiments/depth_models/L{L}_seed{s}/ with their accuracy and
 training time in training.json, so the study is the same on every machine; --retrain trains them
 again (same recipe and seeds; float32 training is deterministic on one machine, not bit-identical
 across CPUs).
@@ -20,9 +20,9 @@ the node's effect: its score shrinks by about (number of such layers)/(L-1). A l
 its direct path and barely shrinks (so do earlier keys and values, which the last position's query
 reads in their own layer). The study measures GradDrop score / |AtP+QK estimate| per node.
 
-    python depth_study.py              # the shipped models: results/depth_study.{md,csv,png}
-    python depth_study.py --retrain    # train the models first (~40 min on a busy 2-core machine)
-    python depth_study.py --quick      # smoke run (2 pairs, one model per depth), written to out/
+    python experiments/depth_study.py            # the shipped models: experiments/results/depth_study.*
+    python experiments/depth_study.py --retrain  # train the models first (~40 min on a busy 2-core machine)
+    python experiments/depth_study.py --quick    # smoke run (2 pairs, one model per depth), written to out/
 
 Dimension legend: B prompt pairs, L layers, T positions, U units of a site (heads or neurons),
 N nodes of a family, n candidate nodes (those the noise prompt moves), X counted nodes.
@@ -38,12 +38,14 @@ import time
 
 import torch
 
-import atp_minimal as atp
-import compare_methods as cm
-import toy_ioi
-from model import GPTConfig
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/: depth_models/ and results/ are here
+ROOT = os.path.dirname(HERE)  # the repository root: atp_minimal.py, model.py, toy_ioi.py, and out/
+sys.path.insert(0, ROOT)
+import atp_minimal as atp  # noqa: E402
+import compare_methods as cm  # noqa: E402
+import toy_ioi  # noqa: E402
+from model import GPTConfig  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS_DIR = os.path.join(HERE, "depth_models")
 
 # --- the models: one recipe, four depths, two seeds
@@ -69,8 +71,8 @@ def train_model(L, seed):
     torch.set_flush_denormal(True)  # saturated softmaxes make subnormals, which are slow on a CPU
     start = time.perf_counter()
     try:
-        model = toy_ioi.train(seed, RECIPE["steps"], log_every=RECIPE["steps"], config=config, lr=RECIPE["lr"],
-                              batch_size=RECIPE["batch_size"])
+        model = toy_ioi.train(seed, RECIPE["steps"], log_every=RECIPE["steps"], config=config,
+                              lr=RECIPE["lr"], batch_size=RECIPE["batch_size"])
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_flush_denormal(False)
@@ -294,7 +296,8 @@ def study_table(rows, depths):
 
 
 def distribution_table(rows, depths):
-    lines = ["| L | family | seeds | " + " | ".join(METHODS) + " |", "|---|---|---:|" + "---:|" * len(METHODS)]
+    lines = ["| L | family | seeds | " + " | ".join(METHODS) + " |",
+             "|---|---|---:|" + "---:|" * len(METHODS)]
     for L in depths:
         for fam in cm.FAMILIES:
             cells = []
@@ -327,8 +330,8 @@ def mechanism_table(ratios, depths):
                     continue
                 summary[(L, fam, where)] = med["layer"][0], med["sub-layer"][0], med["layer"][1]
                 (rl, n), (rs, _) = med["layer"], med["sub-layer"]
-                lines.append(f"| {L} | {fam} | {where} | {n} | {rl:.2f} | {(1 - rl) * (L - 1):.1f} | {rs:.2f} | "
-                             f"{(1 - rs) * (2 * L - 1):.1f} |")
+                lines.append(f"| {L} | {fam} | {where} | {n} | {rl:.2f} | {(1 - rl) * (L - 1):.1f} | "
+                             f"{rs:.2f} | {(1 - rs) * (2 * L - 1):.1f} |")
     return lines, summary
 
 
@@ -366,7 +369,8 @@ def plot(path, rows, summary, depths):
         return False
     fig, axes = plt.subplots(2, 3, figsize=(14, 8))
     styles = dict(zip(METHODS, (("C0", "o"), ("C1", "s"), ("C2", "^"), ("C3", "v"))))
-    for row, (key, what) in enumerate((("rel_cost", "relative cost"), ("rel_cost_no_c", "relative cost, C left out"))):
+    panels = (("rel_cost", "relative cost"), ("rel_cost_no_c", "relative cost, C left out"))
+    for row, (key, what) in enumerate(panels):
         for ax, fam in zip(axes[row, :2], cm.FAMILIES):
             for j, m in enumerate(METHODS):
                 xs, med, lo, hi, dist = [], [], [], [], []
@@ -381,9 +385,11 @@ def plot(path, rows, summary, depths):
                     d = [r[key] for r in select(rows, L, fam, m, "distribution")]
                     dist.append(statistics.median(d) if d else float("nan"))
                 color, marker = styles[m]
-                ax.errorbar(xs, med, yerr=[[a - b for a, b in zip(med, lo)], [b - a for a, b in zip(med, hi)]],
-                            color=color, marker=marker, capsize=3, lw=1.3, label=f"{m}: single pairs")
-                ax.plot(xs, dist, color=color, marker=marker, ls=":", mfc="none", lw=1, label=f"{m}: distribution")
+                yerr = [[a - b for a, b in zip(med, lo)], [b - a for a, b in zip(med, hi)]]
+                ax.errorbar(xs, med, yerr=yerr, color=color, marker=marker, capsize=3, lw=1.3,
+                            label=f"{m}: single pairs")
+                ax.plot(xs, dist, color=color, marker=marker, ls=":", mfc="none", lw=1,
+                        label=f"{m}: distribution")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())
@@ -397,7 +403,8 @@ def plot(path, rows, summary, depths):
         ax = axes[row, 2]
         unit, terms = (("layer", "L-1"), ("sub-layer", "2L-1"))[row]
         for fam, color in (("attention", "C4"), ("neurons", "C5")):
-            for where, ls in (("earlier", "-"), ("earlier q, z", "-"), ("earlier k, v", "-."), ("last", "--")):
+            for where, ls in (("earlier", "-"), ("earlier q, z", "-"), ("earlier k, v", "-."),
+                              ("last", "--")):
                 xs = [L for L in depths if (L, fam, where) in summary]
                 if xs:
                     ax.plot(xs, [summary[(L, fam, where)][row] for L in xs], color=color, ls=ls, marker="o",
@@ -424,26 +431,30 @@ def plot(path, rows, summary, depths):
 
 
 def markdown_report(command, elapsed, args, records, rows, mech_lines, figure):
-    """The report, results/depth_study.md: the models, the tables, the verdicts and the figure."""
+    """The report, experiments/results/depth_study.md: the models, the tables, the verdicts and the figure."""
     md = ["# GradDrop against depth (toy IOI models)", "",
           f"`{command}`: {elapsed:.0f} s wall clock, 1 torch thread"
           + (" (training included)." if args.retrain else " (from the checkpoints in depth_models/).")
           + " The wall-clock times are the only numbers here that differ from machine to machine.", "",
           f"Models: toy IOI (toy_ioi.py), d_model {RECIPE['d_model']}, {RECIPE['n_head']} heads, AdamW lr "
-          f"{RECIPE['lr']:g}, batch {RECIPE['batch_size']}, {RECIPE['steps']} steps; used if held-out accuracy "
-          f">= {MIN_ACCURACY:.0%}. Training times: 1 torch thread on a shared 2-core machine under load.", "",
-          "| model | held-out accuracy | train accuracy | training time (s) | used |", "|---|---:|---:|---:|---|"]
+          f"{RECIPE['lr']:g}, batch {RECIPE['batch_size']}, {RECIPE['steps']} steps; used if held-out "
+          f"accuracy >= {MIN_ACCURACY:.0%}. Training times: 1 torch thread on a shared 2-core machine under "
+          "load.", "",
+          "| model | held-out accuracy | train accuracy | training time (s) | used |",
+          "|---|---:|---:|---:|---|"]
     md += [f"| L{r['n_layer']}_seed{r['seed']} | {r['test_accuracy']:.4f} | {r['train_accuracy']:.4f} | "
-           f"{r['train_seconds']:.0f} | {'yes' if r['test_accuracy'] >= MIN_ACCURACY else 'no'} |" for r in records]
-    md += ["", f"Prompt pairs: held-out names, `toy_ioi.make_pairs({args.pairs}, 'test', seed=0)`; single pair "
-           f"= each alone; distribution = all {args.pairs} as one D (c(n) = mean over them). Metric: logit "
-           "difference at the last position. Everything in float64.", "",
-           f"Counted nodes: |c(n)| >= {cm.COUNTED:g} x the family's largest |c(n)| (compare_methods.COUNTED); "
-           f"rankings and effects are compared on a grid of max/{GRID:.0e}, so last-bit differences between "
-           "CPUs do not reorder anything. Relative cost (paper §4, Experiments): inverse-rank-weighted "
-           "geometric mean of cost(x)/x, cost(x) = the method's own cost C + the exact patches until the true "
-           "top-x are all verified (1 = oracle); 'C left out' scores the order alone. Top-10 verifications: "
-           "exact patches, in the method's order, until the true top-10 are all verified (10 = oracle).", "",
+           f"{r['train_seconds']:.0f} | {'yes' if r['test_accuracy'] >= MIN_ACCURACY else 'no'} |"
+           for r in records]
+    md += ["", f"Prompt pairs: held-out names, `toy_ioi.make_pairs({args.pairs}, 'test', seed=0)`; single "
+           f"pair = each alone; distribution = all {args.pairs} as one D (c(n) = mean over them). Metric: "
+           "logit difference at the last position. Everything in float64.", "",
+           f"Counted nodes: |c(n)| >= {cm.COUNTED:g} x the family's largest |c(n)| "
+           f"(compare_methods.COUNTED); rankings and effects are compared on a grid of max/{GRID:.0e}, so "
+           "last-bit differences between CPUs do not reorder anything. Relative cost (paper §4, "
+           "Experiments): inverse-rank-weighted geometric mean of cost(x)/x, cost(x) = the method's own "
+           "cost C + the exact patches until the true top-x are all verified (1 = oracle); 'C left out' "
+           "scores the order alone. Top-10 verifications: exact patches, in the method's order, until the "
+           "true top-10 are all verified (10 = oracle).", "",
            "## Single prompt pairs: median / worst over pairs and seeds", ""]
     md += study_table(rows, DEPTHS)
     if not args.no_distribution:
@@ -453,13 +464,14 @@ def markdown_report(command, elapsed, args, records, rows, mech_lines, figure):
            f"Per single prompt pair, the nodes whose |AtP+QK estimate| is at least {SHOWN:g} of the family's "
            "largest; median ratio of their GradDrop score (per-pair, QK-fixed, as in AtP*) to |AtP+QK "
            "estimate|. The metric reads the last position; a node at an earlier position reaches it only "
-           "through later attention layers, and each GradDrop term that drops one of those removes most of its "
-           "effect. Earlier keys and values are the exception: the last position's query reads them in their "
-           "own layer, whose term is 0 for every node anyway. (1 - ratio) x (number of terms) estimates how "
-           "many terms remove the effect: if it stays roughly constant as L grows, the shrink scales as "
-           "1/(L-1).", ""]
+           "through later attention layers, and each GradDrop term that drops one of those removes most of "
+           "its effect. Earlier keys and values are the exception: the last position's query reads them in "
+           "their own layer, whose term is 0 for every node anyway. (1 - ratio) x (number of terms) "
+           "estimates how many terms remove the effect: if it stays roughly constant as L grows, the shrink "
+           "scales as 1/(L-1).", ""]
     md += mech_lines
-    md += ["", "## Where AtP* beats AtP+QK fix (single pairs)", "", "```"] + beats_lines(rows, DEPTHS) + ["```", ""]
+    md += ["", "## Where AtP* beats AtP+QK fix (single pairs)", "", "```"]
+    md += beats_lines(rows, DEPTHS) + ["```", ""]
     if figure:
         md += [f"![relative cost against depth, and the shrink]({figure}.png)", ""]
     return md
@@ -474,14 +486,17 @@ def write_csv(path, rows, keys):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="GradDrop against depth: AtP, AtP+QK fix, AtP* and AtP* with "
-                                     "per-sub-layer GradDrop on toy IOI models of 2-12 layers.")
-    parser.add_argument("--retrain", action="store_true", help="train every model again (overwrites depth_models/)")
-    parser.add_argument("--pairs", type=int, default=6, help="prompt pairs: each alone, then all as one distribution")
+    parser = argparse.ArgumentParser(description="GradDrop against depth: AtP, AtP+QK fix, AtP* and AtP* "
+                                     "with per-sub-layer GradDrop on toy IOI models of 2-12 layers.")
+    parser.add_argument("--retrain", action="store_true", help="train every model again (overwrites "
+                        "experiments/depth_models/)")
+    parser.add_argument("--pairs", type=int, default=6,
+                        help="prompt pairs: each alone, then all as one distribution")
     parser.add_argument("--no-distribution", action="store_true", help="single prompt pairs only")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 pairs, one model per depth, no distribution")
-    parser.add_argument("--out", default=None, help="output directory (default: results/ for the default "
-                        "run, out/ for any other)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 pairs, one model per depth, no distribution")
+    parser.add_argument("--out", default=None, help="output directory (default: experiments/results/ for the "
+                        "default run, out/ for any other)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small matrices: one thread is as fast, and stays fast on a busy machine
     n_used = 1 if args.quick else SEEDS_USED
@@ -492,7 +507,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - began
 
     default_run = not (args.quick or args.no_distribution or args.pairs != 6)
-    args.out = args.out or os.path.join(HERE, "results" if default_run else "out")
+    args.out = args.out or (os.path.join(HERE, "results") if default_run else os.path.join(ROOT, "out"))
     stem = os.path.join(args.out, "depth_study")
     os.makedirs(args.out, exist_ok=True)
     mech_lines, summary = mechanism_table(ratios, DEPTHS)
@@ -502,8 +517,10 @@ def main(argv=None):
               ["L", "family", "position", "nodes", "median_ratio_layer", "median_ratio_sublayer"])
     write_csv(stem + ".csv", rows, ["L", "seed", "where", "pair", "family", "method", "own_cost", "X",
                                     "rel_cost", "rel_cost_no_c", "top10"])
-    command = "python depth_study.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    md = markdown_report(command, elapsed, args, records, rows, mech_lines, plotted and os.path.basename(stem))
+    command = "python experiments/depth_study.py" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    md = markdown_report(command, elapsed, args, records, rows, mech_lines,
+                         plotted and os.path.basename(stem))
     with open(stem + ".md", "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))

@@ -1,0 +1,47 @@
+"""Small helpers shared by the test files: a random GPT-2 with large weights, and the largest difference
+between two results. Imported as `from helpers import ...`: conftest.py puts tests/ on sys.path."""
+
+import torch
+
+from model import GPT, GPTConfig
+
+
+def random_gpt(seed, n_layer=2, n_head=2, n_embd=16, vocab_size=20, n_positions=8, n_inner=24, std=0.4,
+               embedding_std=1.0):
+    """A float64 GPT-2 whose every weight is re-drawn large, so attention is often saturated, GELUs are
+    curved and every node has a non-trivial effect: layer-norm gains 1 + 0.2 N(0, 1), biases and
+    layer-norm shifts 0.3 N(0, 1), embeddings embedding_std N(0, 1), every other matrix std N(0, 1).
+    The draws come in named_parameters() order, one randn_like per parameter."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+                    n_positions=n_positions, n_inner=n_inner)
+    model = GPT(cfg).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.2 * torch.randn_like(p))  # layer-norm gains near 1
+            elif p.dim() == 1:
+                p.copy_(0.3 * torch.randn_like(p))  # biases and layer-norm shifts
+            elif "wte" in name or "wpe" in name:
+                p.copy_(embedding_std * torch.randn_like(p))  # token and position embeddings
+            else:
+                p.copy_(std * torch.randn_like(p))
+    return model.eval()
+
+
+def max_diff(a, b):
+    """Largest absolute difference between two results: tensors (compared in float64), or dicts, lists or
+    tuples of them (same keys, same lengths, same shapes), or plain numbers."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{sorted(a)} != {sorted(b)}"
+        return max(max_diff(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        return max([max_diff(x, y) for x, y in zip(a, b)], default=0.0)
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape, f"{a.shape} != {b.shape}"
+        return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    if isinstance(a, float):
+        return abs(a - b)
+    assert a == b, f"{a} != {b}"
+    return 0.0
