@@ -17,25 +17,18 @@ Claims checked:
   - what the adapter cannot handle is refused, naming the feature; the user's model is left as it was;
   - a bf16 model runs; a model dispatched by accelerate (one layer offloaded to disk) gives the same results.
 
-  - docs/huggingface.md runs, and each output it shows is what its code prints.
+(docs/huggingface.md runs in tests/test_tutorial.py, with every other page.)
 
     pytest -q -s tests/test_hf_adapter.py     # -s prints every max difference
-    python tests/test_hf_adapter.py --update-docs   # rerun docs/huggingface.md and rewrite its outputs
 """
 
-import contextlib
 import copy
-import io
-import os
-import re
 import sys
 import types
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the project's modules, also when this file runs as a script (--update-docs)
 transformers = pytest.importorskip("transformers", reason="hf_adapter's tests need transformers")
 
 import atp_minimal as atp  # noqa: E402
@@ -577,74 +570,3 @@ def test_a_model_dispatched_by_accelerate_with_a_layer_on_disk_gives_the_same_re
         d = max_diff(rows["plain"][name], rows["dispatched"][name])
         print(f"\n  {name:20s} plain vs dispatched (layer 1 on disk): max diff {d:.1e}", end="")
         assert d <= TOL, name
-
-
-# --- 8. docs/huggingface.md runs and shows its real output
-
-DOC = os.path.join(ROOT, "docs", "huggingface.md")
-DECIMAL = re.compile(r"[-+]?\d+\.\d*(?:e[-+]?\d+)?")  # integers and words are compared as text
-
-
-def doc_blocks(text):
-    """[(code, expected output or None, (start, end) of the output's lines)]: each ```python block, and
-    the ```text block right after it (its printed output)."""
-    lines, blocks, i = text.split("\n"), [], 0
-    fences = []
-    while i < len(lines):
-        if lines[i].startswith("```") and lines[i].strip() != "```":
-            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
-            fences.append((lines[i][3:].strip(), i + 1, end))
-            i = end + 1
-        else:
-            i += 1
-    for j, (lang, start, end) in enumerate(fences):
-        if lang == "python":
-            after = fences[j + 1] if j + 1 < len(fences) and fences[j + 1][0] == "text" else None
-            blocks.append(("\n".join(lines[start:end]), "\n".join(lines[after[1]:after[2]]) if after else None,
-                           after[1:] if after else None))
-    return blocks
-
-
-def run_doc_blocks(text):
-    """Run the page's python blocks in order in one namespace; their printed outputs."""
-    namespace, outputs = {"__name__": "__doc__"}, []
-    for code, _, _ in doc_blocks(text):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            exec(compile(code, DOC, "exec"), namespace)
-        outputs.append(out.getvalue().rstrip("\n"))
-    return outputs
-
-
-def same_output(got, want):
-    """Equal text, with decimals equal to 1e-3 relative plus one unit of the page's last digit."""
-    if DECIMAL.sub("#", got.strip()) != DECIMAL.sub("#", want.strip()):
-        return False
-    for g, w in zip(DECIMAL.findall(got), DECIMAL.findall(want)):
-        mantissa, _, exponent = w.lower().partition("e")
-        ulp = 10.0 ** (-len(mantissa.split(".")[1]) + (int(exponent) if exponent else 0))
-        if abs(float(g) - float(w)) > 1e-3 * abs(float(w)) + ulp:
-            return False
-    return True
-
-
-def test_the_huggingface_page_runs_and_shows_what_its_code_prints():
-    with open(DOC) as f:
-        text = f.read()
-    blocks = doc_blocks(text)
-    outputs = run_doc_blocks(text)
-    for (code, expected, _), got in zip(blocks, outputs):
-        assert expected is not None, f"docs/huggingface.md: a python block has no text block after it:\n{code[:80]}"
-        assert same_output(got, expected), f"docs/huggingface.md shows\n{expected}\nbut the code prints\n{got}"
-    print(f"\n  docs/huggingface.md: {len(blocks)} python blocks run; every output shown is what they print")
-
-
-if __name__ == "__main__" and "--update-docs" in sys.argv:
-    with open(DOC) as f:
-        text = f.read()
-    lines = text.split("\n")
-    for (_, _, where), got in reversed(list(zip(doc_blocks(text), run_doc_blocks(text)))):
-        lines[where[0]:where[1]] = got.split("\n")
-    with open(DOC, "w") as f:
-        f.write("\n".join(lines))
-    print(f"rewrote the outputs in {DOC}")
