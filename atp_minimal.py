@@ -80,16 +80,14 @@ def site(kind, layer):
     return f"blocks.{layer}.{SITES[kind]}"
 
 
-def n_kv_heads(model):
-    """Key-value heads: n_head, or fewer under grouped-query attention (config.n_kv_head)."""
-    return getattr(model.config, "n_kv_head", None) or model.config.n_head
-
-
 def n_units(model, kind):
-    """Units of a site: M neurons, G key-value heads for k and v, H query heads for q and z."""
+    """Units of a site: M neurons, H query heads for q and z, G key-value heads for k and v (config.n_kv_head
+    under grouped-query attention, else H)."""
     if kind == "neuron":
         return model.config.d_mlp
-    return n_kv_heads(model) if kind in ("k", "v") else model.config.n_head
+    if kind in ("k", "v"):
+        return getattr(model.config, "n_kv_head", None) or model.config.n_head
+    return model.config.n_head
 
 
 def all_nodes(model, kind, T, positions="each"):
@@ -395,20 +393,6 @@ def rank_nodes(scores, descending=True):
     return [nodes[i] for i in order.tolist()], values[order]
 
 
-def node_label(node):
-    """('k', 2, 7, 3) -> 'k L2 H3 @7'; ('neuron', 1, 4, 99) -> 'neuron L1 N99 @4'. For k and v the head is a
-    key-value head (the same as a query head without grouped-query attention)."""
-    kind, layer, *rest = node
-    where = f" @{rest[0]}" if len(rest) == 2 else ""
-    return f"{kind} L{layer} {'N' if kind == 'neuron' else 'H'}{rest[-1]}{where}"
-
-
-def verifications_needed(ranking, true_top):
-    """How many exact patches, verifying in `ranking` order, until every node of true_top is verified."""
-    position = {node: i for i, node in enumerate(ranking)}
-    return max(position[n] for n in true_top) + 1
-
-
 def verify_reference(model, clean, noise, metric, ranking, budget):
     """Verification: exact patching of the first `budget` nodes of `ranking`, one forward each. Removes
     false positives; never finds what it is not shown. Returns (nodes, effects (N, B)), c(n) = .mean(1)."""
@@ -490,19 +474,6 @@ def false_negative_bound_reference(model, clean, noise, metric, ranking, K, p=0.
     c_ss, se, df = subset_statistics(member, y)
     bound = welch_bound_reference(c_ss, se, df, alpha, theta)  # (theta*, index of the worst node, p-value)
     return bound_result(verified, effects, rest, alpha, theta, (c_ss, se, df), bound)
-
-
-def bound_result(verified, effects, rest, alpha, theta, statistics=None, bound=None):
-    """The dict the diagnostic returns. statistics: (c_ss, se, df) on the unverified nodes; bound: the Welch
-    bound's (theta*, index of the worst node, p-value). None when nothing is left: then theta* = 0 (p = 0)."""
-    result = dict(verified=verified, verified_effects=effects.mean(1), unverified=rest, theta=theta,
-                  alpha=alpha)
-    if bound is None:  # everything verified: nothing can hide
-        return dict(result, theta_star=0.0, worst_node=None, p_value=None if theta is None else 0.0,
-                    c_ss=torch.zeros(0), se=torch.zeros(0), df=torch.zeros(0))
-    (c_ss, se, df), (theta_star, worst, p_value) = statistics, bound
-    return dict(result, theta_star=theta_star, worst_node=rest[worst], p_value=p_value, c_ss=c_ss, se=se,
-                df=df)
 
 
 # ==================================================================================================
@@ -975,8 +946,40 @@ def false_negative_bound(model, clean, noise, metric, ranking, K, p=0.1, n_sampl
 
 
 # ==================================================================================================
-# Part III: input checks (a clear error instead of a silently wrong number), Student's t
+# Part III: helpers for results, input checks (a clear error instead of a silently wrong number),
+# Student's t
 # ==================================================================================================
+
+# --- results: labels, verification counts, the diagnostic's dict
+
+def node_label(node):
+    """('k', 2, 7, 3) -> 'k L2 H3 @7'; ('neuron', 1, 4, 99) -> 'neuron L1 N99 @4'. For k and v the head is a
+    key-value head (the same as a query head without grouped-query attention)."""
+    kind, layer, *rest = node
+    where = f" @{rest[0]}" if len(rest) == 2 else ""
+    return f"{kind} L{layer} {'N' if kind == 'neuron' else 'H'}{rest[-1]}{where}"
+
+
+def verifications_needed(ranking, true_top):
+    """How many exact patches, verifying in `ranking` order, until every node of true_top is verified."""
+    position = {node: i for i, node in enumerate(ranking)}
+    return max(position[n] for n in true_top) + 1
+
+
+def bound_result(verified, effects, rest, alpha, theta, statistics=None, bound=None):
+    """The dict the diagnostic returns. statistics: (c_ss, se, df) on the unverified nodes; bound: the Welch
+    bound's (theta*, index of the worst node, p-value). None when nothing is left: then theta* = 0 (p = 0)."""
+    result = dict(verified=verified, verified_effects=effects.mean(1), unverified=rest, theta=theta,
+                  alpha=alpha)
+    if bound is None:  # everything verified: nothing can hide
+        return dict(result, theta_star=0.0, worst_node=None, p_value=None if theta is None else 0.0,
+                    c_ss=torch.zeros(0), se=torch.zeros(0), df=torch.zeros(0))
+    (c_ss, se, df), (theta_star, worst, p_value) = statistics, bound
+    return dict(result, theta_star=theta_star, worst_node=rest[worst], p_value=p_value, c_ss=c_ss, se=se,
+                df=df)
+
+
+# --- input checks
 
 def check_inputs(model, clean, noise, kinds, positions="each"):
     """Check the model protocol, the token tensors and the node kinds; returns kinds as a tuple."""
@@ -987,8 +990,8 @@ def check_inputs(model, clean, noise, kinds, positions="each"):
     if missing:
         raise TypeError(f"the model lacks {', '.join(missing)}: see 'The model protocol' at the top of "
                         "atp_minimal.py")
-    if cfg.n_head % n_kv_heads(model):
-        raise ValueError(f"n_head = {cfg.n_head} is not a multiple of n_kv_head = {n_kv_heads(model)}")
+    if cfg.n_head % n_units(model, "k"):
+        raise ValueError(f"n_head = {cfg.n_head} is not a multiple of n_kv_head = {n_units(model, 'k')}")
     device = next(model.parameters()).device
     for name, x in (("clean", clean), ("noise", noise)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.is_floating_point() or x.dtype == torch.bool:
