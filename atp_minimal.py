@@ -642,9 +642,9 @@ def masked_patch(mask, noise_act, start, B):
     new = as_units(noise_act)[None, :, start:]  # (1, B, T', U, E): the same for every copy
     where = mask[:, None, start:, :, None]  # (n, 1, T', U, 1): the same for every pair and feature
 
-    def patch(t):  # t: (n*B, T', U, E), or (n*B, T', M) for neurons
+    def patch(t):  # t: (n*B, T', U, E), or (n*B, T', M) for neurons; on its layer's device
         copies = as_units(t).view((mask.shape[0], B) + new.shape[2:])  # (n, B, T', U, E)
-        return torch.where(where, new, copies).reshape(t.shape)
+        return torch.where(where.to(t.device), new.to(t.device), copies).reshape(t.shape)
     return patch
 
 
