@@ -25,7 +25,8 @@ Sites (ours -> TransformerLens). Our names are TransformerLens's, with one excep
 the vectors whose dot product, times attention_scale(layer), IS the attention score, so on rotary models
 they are the rotated ones.
   blocks.{l}.attn.hook_q, hook_k   -> attn.hook_q, hook_k (learned positions: GPT-2)
-                                      attn.hook_rot_q, hook_rot_k (rotary HookedTransformers; Llama, Qwen2 bridges)
+                                      attn.hook_rot_q, hook_rot_k (rotary HookedTransformers, and
+                                      Llama and Qwen2 bridges)
                                       attn.hook_q, hook_k rotated by the adapter (GPT-NeoX bridges, below)
   blocks.{l}.attn.hook_q_unrotated -> attn.hook_q (rotary only; likewise hook_k_unrotated)
   any other TransformerLens hook   -> itself (hook_resid_pre, attn.hook_v, hook_z, hook_pattern,
@@ -288,10 +289,12 @@ def check_architecture(model):
         if type(block.attn).__name__ != "Attention":
             problems.append(f"block {l} attention is {type(block.attn).__name__}, not Attention")
         if type(getattr(block, "mlp", None)).__name__ != "MLP":
-            problems.append(f"block {l} MLP is {type(getattr(block, 'mlp', None)).__name__}, not MLP (neurons are "
-                            f"mlp.hook_post of a dense, ungated MLP; gated and mixture-of-experts MLPs are untested)")
+            problems.append(f"block {l} MLP is {type(getattr(block, 'mlp', None)).__name__}, not MLP (neurons "
+                            f"are mlp.hook_post of a dense, ungated MLP; gated and mixture-of-experts MLPs "
+                            f"are untested)")
     if problems:
-        raise ValueError("tl_adapter cannot handle this HookedTransformer correctly:\n  " + "\n  ".join(problems))
+        raise ValueError("tl_adapter cannot handle this HookedTransformer correctly:\n  "
+                         + "\n  ".join(problems))
 
 
 # ==================================================================================================
@@ -320,7 +323,7 @@ BRIDGE_REQUIRED = {
 # Hugging Face config fields that change how scores, the mask or the pattern are formed:
 # field -> (the values that are fine, why)
 HF_REQUIRED = {
-    "use_sliding_window": ((None, False), "sliding-window attention masks keys the QK fix would count as visible"),
+    "use_sliding_window": ((None, False), "a sliding window masks keys the QK fix would count as visible"),
     "attn_logit_softcapping": ((None,), "scores are soft-capped, not q.k * scale"),
     "final_logit_softcapping": ((None,), "logits are soft-capped (untested)"),
     "add_cross_attention": ((None, False), "cross-attention"),
@@ -351,7 +354,8 @@ class TransformerBridgeAdapter(torch.nn.Module):
         L = cfg.n_layers
         self.renamed = {f"blocks.{l}.attn.{ours}": f"blocks.{l}.attn.{theirs}"
                         for l in range(L) for ours, theirs in renamed.items()}
-        self.rotated = {f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in "qk"} if self.family == "neox" else set()
+        self.rotated = {f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in "qk"
+                        } if self.family == "neox" else set()
         # The bridge's softmax runs in float32 on Llama and Qwen2, also in a float64 model (as HF's does):
         # its pattern then matches q.k only to float32 precision.
         self.softmax_dtype = torch.float32 if self.family == "llama" else None
@@ -381,17 +385,20 @@ class TransformerBridgeAdapter(torch.nn.Module):
         rotary = {}
         out = []
         if any(name in self.rotated for name in hooks or {}):
-            out += [(f"rotary_emb.hook_{x}", lambda t, hook, x=x: rotary.__setitem__(x, t)) for x in ("cos", "sin")]
+            out += [(f"rotary_emb.hook_{x}", lambda t, hook, x=x: rotary.__setitem__(x, t))
+                    for x in ("cos", "sin")]
+        hook_points = self.model.hook_dict  # built anew at each access: once per forward
         for name, fn in (hooks or {}).items():
-            out.append((self.tl_name(name), bridge_hook(name, fn, rotary if name in self.rotated else None)))
+            rotated = rotary if name in self.rotated else None
+            out.append((self.tl_name(name, hook_points), bridge_hook(name, fn, rotated)))
         return out
 
-    def tl_name(self, name):
+    def tl_name(self, name, hook_points=None):
         """Our site name -> the bridge's own name of that hook point; KeyError for a name that is neither.
         (The canonical name, not an alias: in compatibility mode a hook added under an alias runs once
         per name of its hook point.)"""
         tl = self.renamed.get(name, name)
-        hook_point = self.model.hook_dict.get(tl)
+        hook_point = (self.model.hook_dict if hook_points is None else hook_points).get(tl)
         if hook_point is None:
             raise KeyError(unknown_site(name))
         return hook_point.name or tl
@@ -457,7 +464,8 @@ def unrotate(y, cos, sin):
     s1, s2 = sin[:, :, None, :R // 2], sin[:, :, None, R // 2:]
     y1, y2 = y[..., :R // 2], y[..., R // 2:R]  # (B, T, H, R/2) each
     det = c1 * c2 + s1 * s2
-    return torch.cat([(c2 * y1 + s1 * y2) / det, (c1 * y2 - s2 * y1) / det, y[..., R:]], dim=-1)  # (B, T, H, Dh)
+    x1, x2 = (c2 * y1 + s1 * y2) / det, (c1 * y2 - s2 * y1) / det  # (B, T, H, R/2) each
+    return torch.cat([x1, x2, y[..., R:]], dim=-1)  # (B, T, H, Dh)
 
 
 # --- what the TransformerBridge adapter supports, and why
@@ -544,10 +552,12 @@ def check_site_identities(adapted, T=4):
     for l in range(L):
         c = {n.split(".", 2)[2]: cache[n].double() for n in names if n.startswith(f"blocks.{l}.")}
         q = c["attn.hook_q"].transpose(1, 2)  # (1, H, T, Dh)
-        k, v = (c[f"attn.hook_{x}"].transpose(1, 2).repeat_interleave(H // G, dim=1) for x in "kv")  # (1, H, S, Dh)
+        k, v = (c[f"attn.hook_{x}"].transpose(1, 2).repeat_interleave(H // G, dim=1)
+                for x in "kv")  # (1, H, S, Dh): key-value head g serves query heads g*H/G..
         scores = (q @ k.transpose(-1, -2)) * adapted.attention_scale(l)  # (1, H, T, S)
         pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        checks = {"pattern = softmax(q.k * attention_scale(l), causal)": (c["attn.hook_pattern"], pattern, pattern_tol),
+        checks = {"pattern = softmax(q.k * attention_scale(l), causal)":
+                      (c["attn.hook_pattern"], pattern, pattern_tol),
                   "z = pattern @ v": (c["attn.hook_z"], (c["attn.hook_pattern"] @ v).transpose(1, 2), tol),
                   "resid_post = resid_pre + attn_out + mlp_out":
                       (c["hook_resid_post"], c["hook_resid_pre"] + c["hook_attn_out"] + c["hook_mlp_out"], tol)}

@@ -139,7 +139,9 @@ def max_diff(a, b):
 
 
 def largest(result):
-    return max(v.abs().max().item() for v in result.values()) if isinstance(result, dict) else result.abs().max().item()
+    if isinstance(result, dict):
+        return max(v.abs().max().item() for v in result.values())
+    return result.abs().max().item()
 
 
 # --- the bridge's own view: its hook names, no adapter
@@ -200,7 +202,8 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
         if family == "pythia":
             q, k = apply_rotary_pos_emb(q, k, tl_cache[f"blocks.{l}.attn.hook_cos"],
                                         tl_cache[f"blocks.{l}.attn.hook_sin"], unsqueeze_dim=2)
-        diffs.append(max(max_diff(cache[f"blocks.{l}.attn.hook_q"], q), max_diff(cache[f"blocks.{l}.attn.hook_k"], k)))
+        diffs.append(max(max_diff(cache[f"blocks.{l}.attn.hook_q"], q),
+                         max_diff(cache[f"blocks.{l}.attn.hook_k"], k)))
     # Equal to the last bit, except after a GPT-NeoX layer whose q and k went through the adapter's rotation
     # and its inverse (rounding), which moves what later layers see by about 1e-16 of their size.
     assert diffs[0] == 0.0 and max(diffs) <= (TOL if family == "pythia" else 0.0)
@@ -212,7 +215,8 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
         logits, c = atp.run_with_cache(adapted, clean, ["blocks.1.attn.hook_q"], hooks=start)
         g_ours, = torch.autograd.grad(metric(logits).sum(), [c["blocks.1.attn.hook_q"]])
         leaf = {}
-        swap = (tl_site(family, "q", 1), lambda t, hook: leaf.setdefault("q", t.detach().clone().requires_grad_(True)))
+        swap = (tl_site(family, "q", 1),
+                lambda t, hook: leaf.setdefault("q", t.detach().clone().requires_grad_(True)))
         start_tl = ("blocks.0.hook_resid_pre", lambda t, hook: t.detach().requires_grad_(True))
         g_tl, = torch.autograd.grad(metric(tl_run(bridge, clean, [], [start_tl, swap])[0]).sum(), [leaf["q"]])
         if family == "pythia":  # d metric / d q_pre = (d q_rot / d q_pre)^T d metric / d q_rot
@@ -223,8 +227,8 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
     grad_diff = max_diff(g_ours, g_tl)
     assert g_tl.abs().max() > 1e-3 and grad_diff <= TOL
     print(f"\n  {family}: every site has the protocol shape in float64 (k, v: {Gk} key-value heads); q/k equal "
-          f"the bridge's rotated q/k (max diff {diffs[0]:.1e} in layer 0, {max(diffs):.1e} in all); d metric / d cached q matches a bridge "
-          f"leaf to {grad_diff:.1e}")
+          f"the bridge's rotated q/k (max diff {diffs[0]:.1e} in layer 0, {max(diffs):.1e} in all); d metric / "
+          f"d cached q matches a bridge leaf to {grad_diff:.1e}")
 
 
 @pytest.mark.parametrize("compat", (False, True), ids=("plain", "compatibility mode"))
@@ -271,7 +275,8 @@ def tl_patching_loop(bridge, family, clean, noise, metric, neuron_stride):
         base = metric(bridge(clean))  # (B,)
         effects = {}
         for kind in atp.KINDS:
-            units = range(0, M, neuron_stride) if kind == "neuron" else range(KV_HEADS[family] if kind in "kv" else H)
+            heads = KV_HEADS[family] if kind in ("k", "v") else H
+            units = range(0, M, neuron_stride) if kind == "neuron" else range(heads)
             effects[kind] = torch.zeros(B, L, T, len(units), dtype=torch.float64)
             for l in range(L):
                 name = tl_site(family, kind, l)
@@ -281,7 +286,8 @@ def tl_patching_loop(bridge, family, clean, noise, metric, neuron_stride):
                             act = act.clone()
                             act[:, t, u] = noise_cache[name][:, t, u]
                             return act
-                        effects[kind][:, l, t, i] = metric(bridge.run_with_hooks(clean, fwd_hooks=[(name, patch)])) - base
+                        logits = bridge.run_with_hooks(clean, fwd_hooks=[(name, patch)])
+                        effects[kind][:, l, t, i] = metric(logits) - base
     return effects
 
 
