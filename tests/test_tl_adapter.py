@@ -18,12 +18,17 @@ Claims checked:
 import copy
 import types
 from contextlib import contextmanager
+from importlib.metadata import version
 
 import pytest
 import torch
 
 tl = pytest.importorskip("transformer_lens", reason="TransformerLens is not installed "
                          "(pip install transformer-lens==3.9.0); the adapter's tests need it")
+if version("transformer-lens").split(".")[0] not in ("2", "3"):
+    pytest.skip(f"HookedTransformer tests need transformer-lens 2.x or 3.x (4.0 removed HookedTransformer), found "
+                f"{version('transformer-lens')} (tests/test_tl_adapter_bridge.py covers TransformerBridge)",
+                allow_module_level=True)
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens import patching as tl_patching  # noqa: E402
 
