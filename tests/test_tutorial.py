@@ -8,8 +8,9 @@ For each page (tutorial.md, then docs/*.md in name order):
   - every python block pastes cleanly into an interactive `python` session (see `repl_problems`);
   - every figure it shows exists (and is small), every file or section it links to exists, and every
     test it names (tests/test_x.py::test_y) exists.
-A page whose blocks import a package that is not installed (TransformerLens, say) is skipped, with the
-package named; its other checks still run. tutorial.md's table of activation sites must list exactly
+A page whose blocks import a package that is not installed (TransformerLens, say), or that needs other
+major versions of one than are installed (a line `<!-- needs transformer-lens 4.x -->`), is skipped, with
+the reason; its other checks still run. tutorial.md's table of activation sites must list exactly
 model.site_names() (for a 1-layer model), with the shapes that model.py really produces.
 
     pytest -s tests/test_tutorial.py        # also prints each block's run time
@@ -20,6 +21,7 @@ model.site_names() (for a 1-layer model), with the shapes that model.py really p
 import codeop
 import contextlib
 import glob
+import importlib.metadata
 import importlib.util
 import io
 import os
@@ -111,9 +113,35 @@ def missing_packages(text, page="tutorial.md"):
     return sorted(n for n in names if n not in project and importlib.util.find_spec(n) is None)
 
 
-def skip_reason(page, missing):
-    install = "; ".join(INSTALL.get(m, "pip install " + m) for m in missing)
-    return f"{page} needs {', '.join(missing)}, which is not installed ({install})"
+NEEDS = re.compile(r"^<!-- needs ([\w-]+) (\d+\.x(?:, \d+\.x)*) -->$", re.M)
+
+
+def unmet_versions(text):
+    """A page runs with some major versions of a package only when it says so in a line of its own,
+    `<!-- needs transformer-lens 4.x -->` (or `2.x, 3.x`): [(package, majors wanted, installed)] unmet."""
+    unmet = []
+    for package, majors in NEEDS.findall(text):
+        wanted = [m.split(".")[0] for m in majors.split(", ")]
+        try:
+            installed = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        if installed is None or installed.split(".")[0] not in wanted:
+            unmet.append((package, majors, installed))
+    return unmet
+
+
+def skip_reason(page, text):
+    """Why the page's blocks cannot run here (a package missing, or not in the version the page needs),
+    or None."""
+    missing = missing_packages(text, page)
+    if missing:
+        install = "; ".join(INSTALL.get(m, "pip install " + m) for m in missing)
+        return f"{page} needs {', '.join(missing)}, which is not installed ({install})"
+    unmet = unmet_versions(text)
+    if unmet:
+        return f"{page} runs with " + "; ".join(f"{p} {m} (installed: {v or 'none'})" for p, m, v in unmet)
+    return None
 
 
 # --- running the blocks
@@ -203,9 +231,9 @@ def pages_with_code():
 @pytest.mark.parametrize("page", pages_with_code())
 def test_every_python_block_runs_and_prints_what_the_page_shows(page):
     text = read_page(page)
-    missing = missing_packages(text, page)
-    if missing:
-        pytest.skip(skip_reason(page, missing))
+    reason = skip_reason(page, text)
+    if reason:
+        pytest.skip(reason)
     start = time.perf_counter()
     results = run_blocks(text, page, echo=True)
     print(f"  {page}: {len(results)} blocks in {time.perf_counter() - start:.1f} s")
@@ -353,9 +381,9 @@ def update(text, page="tutorial.md"):
 if __name__ == "__main__":
     for page in pages_with_code():
         text = read_page(page)
-        missing = missing_packages(text, page)
-        if missing:
-            print(f"skipped: {skip_reason(page, missing)}")
+        reason = skip_reason(page, text)
+        if reason:
+            print(f"skipped: {reason}")
         elif "--update" in sys.argv:
             new = update(text, page)
             with open(os.path.join(ROOT, page), "w") as f:
