@@ -45,3 +45,29 @@ def max_diff(a, b):
         return abs(a - b)
     assert a == b, f"{a} != {b}"
     return 0.0
+
+
+def fast_and_reference(model, clean, noise, metric, nodes, exact_kinds=None):
+    """name -> (Part II result, its Part I reference) for every method on one model: exact patching (of
+    exact_kinds, default all), AtP, the QK fix, GradDrop per layer and per sub-layer, AtP*, and on `nodes`
+    verify and subset sampling. The twin pairs every model adapter is checked on."""
+    import atp_minimal as atp
+    kinds = exact_kinds or atp.KINDS
+    return {
+        "exact patching": (atp.activation_patching(model, clean, noise, metric, kinds=kinds, progress=False),
+                           atp.activation_patching_reference(model, clean, noise, metric, kinds=kinds)),
+        "AtP": (atp.atp_estimates(model, clean, noise, metric),
+                atp.atp_estimates_reference(model, clean, noise, metric)),
+        "AtP + QK fix": (atp.atp_estimates(model, clean, noise, metric, qk_fix=True),
+                         atp.atp_qk_fix_reference(model, clean, noise, metric)),
+        "GradDrop": (atp.grad_drop_scores(model, clean, noise, metric),
+                     atp.grad_drop_scores_reference(model, clean, noise, metric)),
+        "GradDrop, sub-layers": (atp.grad_drop_scores(model, clean, noise, metric, unit="sublayer"),
+                                 atp.grad_drop_scores_reference(model, clean, noise, metric, unit="sublayer")),
+        "AtP*": (atp.atp_star(model, clean, noise, metric),
+                 atp.atp_star_reference(model, clean, noise, metric)),
+        "verify": (atp.verify(model, clean, noise, metric, nodes, len(nodes), progress=False)[1],
+                   atp.verify_reference(model, clean, noise, metric, nodes, len(nodes))[1]),
+        "subset sampling": (atp.subset_sampling(model, clean, noise, metric, nodes, 0.3, 10, progress=False)[1],
+                            atp.subset_sampling_reference(model, clean, noise, metric, nodes, 0.3, 10)[1]),
+    }

@@ -4,7 +4,6 @@ GPT-2 directory."""
 import pytest
 import torch
 
-import atp_minimal as atp
 import demo
 
 

@@ -24,7 +24,6 @@ Claims checked:
 
 import copy
 import sys
-import types
 
 import pytest
 import torch
@@ -34,6 +33,7 @@ transformers = pytest.importorskip("transformers", reason="hf_adapter's tests ne
 import atp_minimal as atp  # noqa: E402
 import hf_adapter  # noqa: E402
 from model import GPT  # noqa: E402
+from helpers import max_diff  # noqa: E402
 
 try:
     hf_adapter.check_version()
@@ -87,21 +87,6 @@ def prompt_pair(seed=1):
     noise[:, 1] = (clean[:, 1] + 11) % VOCAB
     noise[:, 3] = (clean[:, 3] + 23) % VOCAB
     return clean, noise, atp.logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]))
-
-
-def max_diff(a, b):
-    """Largest absolute difference between two results: tensors, or dicts/lists/tuples of them."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        return max(max_diff(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        return max([max_diff(x, y) for x, y in zip(a, b)], default=0.0)
-    if isinstance(a, torch.Tensor):
-        assert a.shape == b.shape, f"{a.shape} != {b.shape}"
-        return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-    assert a == b, f"{a} != {b}"
-    return 0.0
 
 
 # --- the HF modules' own view: plain PyTorch hooks, no adapter

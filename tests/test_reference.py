@@ -14,7 +14,6 @@ import torch
 import atp_minimal as atp
 import toy_ioi
 from helpers import max_diff, random_gpt
-from model import GPT, GPTConfig
 from whole_positions import whole_position_atp, whole_position_estimates
 
 TWIN_TOL = 1e-12

@@ -34,7 +34,7 @@ from transformer_lens import patching as tl_patching  # noqa: E402
 
 import atp_minimal as atp  # noqa: E402
 import tl_adapter  # noqa: E402
-from helpers import max_diff  # noqa: E402
+from helpers import fast_and_reference, max_diff  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 TOL = 1e-10  # float64: every comparison is a different order of the same float64 operations
@@ -344,23 +344,7 @@ def test_fast_forms_equal_the_reference_forms_on_adapted_models(style):
     adapted = tl_adapter.adapt(small_model(style))
     clean, noise, metric = prompt_pair()
     nodes = atp.all_nodes(adapted, "k", T)[::3] + atp.all_nodes(adapted, "neuron", T)[::29]
-    cases = {
-        "exact patching": (atp.activation_patching(adapted, clean, noise, metric, progress=False),
-                           atp.activation_patching_reference(adapted, clean, noise, metric)),
-        "AtP": (atp.atp_estimates(adapted, clean, noise, metric),
-                atp.atp_estimates_reference(adapted, clean, noise, metric)),
-        "AtP + QK fix": (atp.atp_estimates(adapted, clean, noise, metric, qk_fix=True),
-                         atp.atp_qk_fix_reference(adapted, clean, noise, metric)),
-        "GradDrop": (atp.grad_drop_scores(adapted, clean, noise, metric),
-                     atp.grad_drop_scores_reference(adapted, clean, noise, metric)),
-        "GradDrop, sub-layers": (atp.grad_drop_scores(adapted, clean, noise, metric, unit="sublayer"),
-                                 atp.grad_drop_scores_reference(adapted, clean, noise, metric, unit="sublayer")),
-        "AtP*": (atp.atp_star(adapted, clean, noise, metric), atp.atp_star_reference(adapted, clean, noise, metric)),
-        "verify": (atp.verify(adapted, clean, noise, metric, nodes, len(nodes), progress=False)[1],
-                   atp.verify_reference(adapted, clean, noise, metric, nodes, len(nodes))[1]),
-        "subset sampling": (atp.subset_sampling(adapted, clean, noise, metric, nodes, 0.3, 10, progress=False)[1],
-                            atp.subset_sampling_reference(adapted, clean, noise, metric, nodes, 0.3, 10)[1]),
-    }
+    cases = fast_and_reference(adapted, clean, noise, metric, nodes)
     print()
     for name, (fast, ref) in cases.items():
         d = max_diff(fast, ref)

@@ -40,6 +40,7 @@ from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb 
 
 import atp_minimal as atp  # noqa: E402
 import tl_adapter  # noqa: E402
+from helpers import fast_and_reference, max_diff  # noqa: E402
 
 TOL = 1e-10  # float64: a different order of the same float64 operations
 FAMILIES = ("gpt2", "pythia", "llama")
@@ -121,21 +122,6 @@ def prompt_pair(seed=1, per_pair=True):
     noise[:, 3] = (clean[:, 3] + 23) % VOCAB
     ids = (torch.tensor([3, 4]), torch.tensor([5, 6])) if per_pair else (3, 5)
     return clean, noise, atp.logit_diff(*ids)
-
-
-def max_diff(a, b):
-    """Largest absolute difference between two results: tensors, or dicts/lists/tuples of them."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        return max(max_diff(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        return max([max_diff(x, y) for x, y in zip(a, b)], default=0.0)
-    if isinstance(a, torch.Tensor):
-        assert a.shape == b.shape, f"{a.shape} != {b.shape}"
-        return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-    assert a == b, f"{a} != {b}"
-    return 0.0
 
 
 def largest(result):
@@ -352,24 +338,7 @@ def test_fast_forms_equal_the_reference_forms_on_adapted_bridges(family, compat)
     adapted = tl_adapter.adapt(small_bridge(family, compat))
     clean, noise, metric = prompt_pair()
     nodes = atp.all_nodes(adapted, "k", T)[::3] + atp.all_nodes(adapted, "neuron", T)[::7]
-    heads = ("q", "k", "v", "z")
-    cases = {
-        "exact patching": (atp.activation_patching(adapted, clean, noise, metric, kinds=heads, progress=False),
-                           atp.activation_patching_reference(adapted, clean, noise, metric, kinds=heads)),
-        "AtP": (atp.atp_estimates(adapted, clean, noise, metric),
-                atp.atp_estimates_reference(adapted, clean, noise, metric)),
-        "AtP + QK fix": (atp.atp_estimates(adapted, clean, noise, metric, qk_fix=True),
-                         atp.atp_qk_fix_reference(adapted, clean, noise, metric)),
-        "GradDrop": (atp.grad_drop_scores(adapted, clean, noise, metric),
-                     atp.grad_drop_scores_reference(adapted, clean, noise, metric)),
-        "GradDrop, sub-layers": (atp.grad_drop_scores(adapted, clean, noise, metric, unit="sublayer"),
-                                 atp.grad_drop_scores_reference(adapted, clean, noise, metric, unit="sublayer")),
-        "AtP*": (atp.atp_star(adapted, clean, noise, metric), atp.atp_star_reference(adapted, clean, noise, metric)),
-        "verify": (atp.verify(adapted, clean, noise, metric, nodes, len(nodes), progress=False)[1],
-                   atp.verify_reference(adapted, clean, noise, metric, nodes, len(nodes))[1]),
-        "subset sampling": (atp.subset_sampling(adapted, clean, noise, metric, nodes, 0.3, 10, progress=False)[1],
-                            atp.subset_sampling_reference(adapted, clean, noise, metric, nodes, 0.3, 10)[1]),
-    }
+    cases = fast_and_reference(adapted, clean, noise, metric, nodes, exact_kinds=("q", "k", "v", "z"))
     print()
     for name, (fast, ref) in cases.items():
         d = max_diff(fast, ref)
