@@ -11,16 +11,19 @@ Part II, and each fast function is tested equal to its Part I twin (`X` against 
 holds the input checks and Student's t. Part I calls nothing in Part II.
 
 Conventions (the paper's, everywhere): run on the CLEAN prompt, patch in the NOISE value, take the
-gradient at the clean activation, Delta = noise - clean, |.| per prompt pair before averaging.
+gradient at the clean activation, Delta = noise - clean, |.| per prompt pair before averaging. Part I
+assumes a model in eval mode (model.eval(): no dropout); Part II's functions set it for each call.
 
-Dimension legend: B prompt pairs, L layers, T query position, S key position, H query heads, G key-value
-heads (H with plain attention; fewer with grouped-query attention), Dh d_head, M MLP neurons, U units of a
-site (H for q/z, G for k/v, M for neurons), E features per unit (Dh, or 1 for a neuron), N nodes, J node sets.
+Dimension legend: B prompt pairs, L layers, T query position, S key position, H query heads, Hkv
+key-value heads (H with plain attention; fewer with grouped-query attention), Dh d_head, M MLP neurons,
+U units of a site (H for q/z, Hkv for k/v, M for neurons), E features per unit (Dh, or 1 for a neuron),
+N nodes, J node sets. G is dL/dpattern (B, H, T, S), the gradient on the attention probabilities.
 
 Nodes (paper §2 Background): a kind in KINDS at (layer, position, unit), written (kind, layer, pos, unit);
 or a unit at every position at once, (kind, layer, unit) (positions="all" in Part II). Per-node
-results are PerPair dicts kind -> (B, L, T, U), prompt pairs first; functions that take a LIST of nodes or
-sets return (N, B) or (J, B). Signed per-pair values are "effects"/"estimates"; rankings (>= 0) "scores".
+results are PerPair dicts kind -> (B, L, T, U) (or (B, L, U)), prompt pairs first; functions that take
+a LIST of nodes or sets return (N, B) or (J, B). Signed per-pair values are "effects"/"estimates";
+rankings (>= 0) "scores".
 
 The model protocol: what a model must provide to be used with this file.
   - a torch.nn.Module called as model(idx, hooks) -> logits (B, T, V), idx (B, T) token ids. hooks maps
@@ -32,7 +35,7 @@ The model protocol: what a model must provide to be used with this file.
   - sites, per layer l (TransformerLens names):
       blocks.{l}.hook_resid_pre                 (B, T, D)    what block l consumes (l = 0: the graph's start)
       blocks.{l}.attn.hook_q                    (B, T, H, Dh)  q and k: the vectors whose dot product IS the
-      blocks.{l}.attn.hook_k, attn.hook_v       (B, T, G, Dh)  score (after any rotary embedding)
+      blocks.{l}.attn.hook_k, attn.hook_v       (B, T, Hkv, Dh)  score (after any rotary embedding)
       blocks.{l}.attn.hook_z                    (B, T, H, Dh)  pattern-weighted values, before W_O
       blocks.{l}.attn.hook_pattern              (B, H, T, S)
       blocks.{l}.mlp.hook_post                  (B, T, M)    the neurons
@@ -81,8 +84,8 @@ def site(kind, layer):
 
 
 def n_units(model, kind):
-    """Units of a site: M neurons, H query heads for q and z, G key-value heads for k and v (config.n_kv_head
-    under grouped-query attention, else H)."""
+    """Units of a site: M neurons, H query heads for q and z, Hkv key-value heads for k and v
+    (config.n_kv_head under grouped-query attention, else H)."""
     if kind == "neuron":
         return model.config.d_mlp
     if kind in ("k", "v"):
@@ -247,14 +250,14 @@ def atp_estimates_reference(model, clean, noise, metric, kinds=KINDS):
 # linearise only what comes after it, with G = dL/dpattern from the clean backward pass.
 
 def per_query_head(k, H):
-    """Keys or values (B, T, G, Dh) -> (B, T, H, Dh): each key-value head repeated for the query heads it
-    serves (its group of H // G consecutive heads). A no-op when G = H."""
+    """Keys or values (B, T, Hkv, Dh) -> (B, T, H, Dh): each key-value head repeated for the query heads it
+    serves (its group of H // Hkv consecutive heads). A no-op when Hkv = H."""
     return k.repeat_interleave(H // k.shape[2], dim=2)
 
 
 def causal_scores(q, k, scale):
     """Attention scores (B, H, T, S) = q_t . k_s * scale, with -inf where key s > query t.
-    q: (B, T, H, Dh); k: (B, S, G, Dh), G key-value heads; S = T (one sequence attending to itself)."""
+    q: (B, T, H, Dh); k: (B, S, Hkv, Dh), Hkv key-value heads; S = T (one sequence attending to itself)."""
     k = per_query_head(k, q.shape[2])  # (B, S, H, Dh)
     T = q.shape[1]
     scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale  # (B, H, T, Dh) @ (B, H, Dh, S)
@@ -263,7 +266,7 @@ def causal_scores(q, k, scale):
 
 def query_fix(q_clean, q_noise, k_clean, G, scale):
     """Query fix: I_hat_Q(q_t) = sum_s (softmax_s(q_t(noise) . k_s(clean) * scale + mask) - a_ts) G_ts.
-    q: (B, T, H, Dh); k: (B, S, G, Dh); G: dL/dpattern (B, H, T, S). Returns (B, T, H)."""
+    q: (B, T, H, Dh); k: (B, S, Hkv, Dh); G: dL/dpattern (B, H, T, S). Returns (B, T, H)."""
     a = torch.softmax(causal_scores(q_clean, k_clean, scale), -1)  # (B, H, T, S), the clean pattern
     a_new = torch.softmax(causal_scores(q_noise, k_clean, scale), -1)  # noise query, clean keys
     return ((a_new - a) * G).sum(-1).transpose(1, 2)  # (B, H, T) -> (B, T, H)
@@ -274,20 +277,20 @@ def key_fix_reference(q_clean, k_clean, k_noise, G, scale):
     softmax with only that logit moved to q_t(clean) . k_s(noise) * scale, and linearise after it:
         I_hat_K(k_s) = sum_{t >= s} sum_s' (a~(s)_ts' - a_ts') G_ts'.        O(T^3) per head.
     Under grouped-query attention key-value head g feeds the query heads of its group: sum over them.
-    q: (B, T, H, Dh); k: (B, S, G, Dh); G: (B, H, T, S). Returns (B, S, G)."""
+    q: (B, T, H, Dh); k: (B, S, Hkv, Dh); G: (B, H, T, S). Returns (B, S, Hkv)."""
     scores = causal_scores(q_clean, k_clean, scale)  # (B, H, T, S)
     moved = causal_scores(q_clean, k_noise, scale)  # (B, H, T, S): every logit with its key's noise value
     a = torch.softmax(scores, -1)
     per_head = torch.zeros_like(G[:, :, 0, :])  # (B, H, S)
     for s in range(scores.shape[-1]):
-        row = scores.clone()
-        row[..., s] = moved[..., s]  # only logit s moves (rows t < s cannot see key s: -inf either way)
-        per_query = ((torch.softmax(row, -1) - a) * G).sum(-1)  # (B, H, T): dI_t(k_s)
+        one_moved = scores.clone()
+        one_moved[..., s] = moved[..., s]  # only logit s moves (rows t < s cannot see key s: -inf either way)
+        per_query = ((torch.softmax(one_moved, -1) - a) * G).sum(-1)  # (B, H, T): dI_t(k_s)
         per_head[..., s] = per_query[..., s:].sum(-1)  # the queries t >= s that see key s
     B, H, S = per_head.shape
-    G_kv = k_clean.shape[2]
-    per_group = per_head.view(B, G_kv, H // G_kv, S)  # (B, G, H/G, S): the query heads of each group
-    return per_group.sum(2).transpose(1, 2)  # (B, S, G)
+    Hkv = k_clean.shape[2]
+    per_group = per_head.view(B, Hkv, H // Hkv, S)  # (B, Hkv, H/Hkv, S): the query heads of each group
+    return per_group.sum(2).transpose(1, 2)  # (B, S, Hkv)
 
 
 def atp_qk_fix_reference(model, clean, noise, metric, kinds=KINDS):
@@ -298,8 +301,8 @@ def atp_qk_fix_reference(model, clean, noise, metric, kinds=KINDS):
     L = model.config.n_layer
     qk = [site(x, l) for l in range(L) for x in ("q", "k")]
     patterns = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
-    nodes = [site(k, l) for k in kinds for l in range(L)]
-    noise_acts, clean_acts, grads = atp_runs(model, clean, noise, metric, nodes + qk + patterns)
+    node_sites = [site(kind, l) for kind in kinds for l in range(L)]
+    noise_acts, clean_acts, grads = atp_runs(model, clean, noise, metric, node_sites + qk + patterns)
     estimates = {}
     for kind in kinds:
         per_layer = []
@@ -309,7 +312,8 @@ def atp_qk_fix_reference(model, clean, noise, metric, kinds=KINDS):
             if kind == "q":
                 per_layer.append(query_fix(q_c, noise_acts[site("q", l)], k_c, G, scale))  # (B, T, H)
             elif kind == "k":
-                per_layer.append(key_fix_reference(q_c, k_c, noise_acts[site("k", l)], G, scale))  # (B, S, G)
+                k_n = noise_acts[site("k", l)]
+                per_layer.append(key_fix_reference(q_c, k_c, k_n, G, scale))  # (B, S, Hkv)
             else:
                 per_layer.append(delta_dot_grad(noise_acts[site(kind, l)], clean_acts[site(kind, l)],
                                                 grads[site(kind, l)]))  # (B, T, U)
@@ -423,7 +427,7 @@ def subset_statistics(member, y):
     """Split the samples per node into 'in the subset' (+) and 'not in it' (-): c_ss = mean+ - mean- (N,),
     its Welch standard error se (N,) and Welch-Satterthwaite degrees of freedom df (N,). Under additivity
     E[y | n in] - E[y | n out] = c(n). member (J, N) bool, y (J,); every node in >= 2 and out >= 2 times."""
-    inc = member.double()  # (J, N)
+    inc = member.double().to(y.device)  # (J, N), where y is (the model's device)
     exc = 1.0 - inc
     y = y.double()[:, None]  # (J, 1)
     n_in, n_out = inc.sum(0), exc.sum(0)  # (N,)
@@ -437,7 +441,7 @@ def subset_statistics(member, y):
     v_in, v_out = var_in / n_in, var_out / n_out
     se = (v_in + v_out).sqrt()
     df = (v_in + v_out) ** 2 / (v_in ** 2 / (n_in - 1) + v_out ** 2 / (n_out - 1))
-    df = torch.where(se > 0, df, torch.full_like(df, math.inf))  # constant y: no uncertainty at all
+    df = torch.where(se > 0, df, torch.full_like(df, math.inf))  # y constant within each group: exact
     return mean_in - mean_out, se, df
 
 
@@ -854,7 +858,7 @@ class Estimator:
 
     def qk_estimate(self, kind, layer, G):
         p, scale = f"blocks.{layer}.attn.", self.model.attention_scale(layer)
-        q, k = (self.clean[p + x].to(self.dtype) for x in ("hook_q", "hook_k"))  # (B,T,H,Dh), (B,S,G,Dh)
+        q, k = (self.clean[p + x].to(self.dtype) for x in ("hook_q", "hook_k"))  # (B,T,H,Dh), (B,S,Hkv,Dh)
         if kind == "q":
             est = query_fix(q, self.noise[p + "hook_q"].to(self.dtype), k, G, scale)  # (B, T, H)
             return est.sum(1) if self.positions == "all" else est
@@ -869,8 +873,8 @@ def key_fix(q_clean, k_clean, k_noise, G, scale):
     k_s(clean)) * scale sets that key's probability to a~_ts = sigmoid(logit(a_ts) + d_ts) and rescales the
     rest of the row by (1 - a~_ts) / (1 - a_ts), so
         dI_t(k_s) = (a~_ts - a_ts) * (G_ts - G_bar_t,-s),  G_bar_t,-s = sum_{s' != s} a_ts' G_ts' / (1 - a_ts)
-    Computed in log space, without clamping: a key with a = 1e-20 can still become dominant. (B, S, G)."""
-    B, H, G_kv = q_clean.shape[0], q_clean.shape[2], k_clean.shape[2]
+    Computed in log space, without clamping: a key with a = 1e-20 can still become dominant. (B, S, Hkv)."""
+    B, H, Hkv = q_clean.shape[0], q_clean.shape[2], k_clean.shape[2]
     scores = causal_scores(q_clean, k_clean, scale)  # (B, H, T, S)
     masked = torch.isinf(scores)  # keys a query cannot see
     k_delta = per_query_head(k_noise - k_clean, H)  # (B, S, H, Dh)
@@ -892,17 +896,17 @@ def key_fix(q_clean, k_clean, k_noise, G, scale):
     per_query = torch.where(d == 0, 0.0, a_new - a) * (G - G_bar)  # (B, H, T, S): dI_t(k_s)
     per_query = per_query.masked_fill(masked | only_key, 0.0)
     per_head = per_query.sum(2)  # (B, H, S): sum over the queries t >= s
-    return per_head.view(B, G_kv, H // G_kv, -1).sum(2).transpose(1, 2)  # (B, S, G): sum over each group
+    return per_head.view(B, Hkv, H // Hkv, -1).sum(2).transpose(1, 2)  # (B, S, Hkv): sum over each group
 
 
 def key_fix_all_positions(q_clean, k_clean, k_noise, G, scale):
     """The QK fix of a key-value head's keys at every position at once: every logit of every row moves,
-    so recompute each softmax with all keys noised, sum_t sum_s (a~_ts - a_ts) G_ts. Returns (B, G)."""
-    B, H, G_kv = q_clean.shape[0], q_clean.shape[2], k_clean.shape[2]
+    so recompute each softmax with all keys noised, sum_t sum_s (a~_ts - a_ts) G_ts. Returns (B, Hkv)."""
+    B, H, Hkv = q_clean.shape[0], q_clean.shape[2], k_clean.shape[2]
     a = torch.softmax(causal_scores(q_clean, k_clean, scale), -1)  # (B, H, T, S)
     a_new = torch.softmax(causal_scores(q_clean, k_noise, scale), -1)
     per_head = ((a_new - a) * G).sum((-1, -2))  # (B, H)
-    return per_head.view(B, G_kv, H // G_kv).sum(-1)  # (B, G)
+    return per_head.view(B, Hkv, H // Hkv).sum(-1)  # (B, Hkv)
 
 
 def welch_bound(c_ss, se, df, alpha=0.05, theta=None):

@@ -2,10 +2,10 @@
 every method of atp_minimal.py, in float64.
 
 The GQA model here is a GPT-2 whose query heads come in groups of R that share ONE key and ONE value
-head (G = H / R key-value heads): its k and v sites are (B, T, G, Dh), and query head h reads key-value
-head h // R. Built on model.GPT by giving the heads of a group identical key and value weights, it is also
-an ordinary H-head GPT-2 whose k and v happen to be equal within each group. That gives exact, independent
-checks of what key-value heads mean for each method:
+head (Hkv = H / R key-value heads): its k and v sites are (B, T, Hkv, Dh), and query head h reads
+key-value head h // R. Built on model.GPT by giving the heads of a group identical key and value weights,
+it is also an ordinary H-head GPT-2 whose k and v happen to be equal within each group. That gives exact,
+independent checks of what key-value heads mean for each method:
   - patching key-value head g at position s is patching the key (or value) of every head of g's group;
   - AtP of a shared k or v is the sum over the group of the per-head AtP estimates (the gradient of a
     tensor read R times is the sum of the R gradients);
@@ -27,7 +27,7 @@ R = 2  # query heads per key-value head
 
 class GroupedQueryGPT(torch.nn.Module):
     """A GPT whose heads come in groups of R sharing one key and one value head: the protocol's k and v
-    sites are (B, T, G, Dh), G = n_head // R; forward_from takes past keys and values per key-value head.
+    sites are (B, T, Hkv, Dh), Hkv = n_head // R; forward_from takes past keys and values per key-value head.
     The wrapped GPT must have equal key and value weights within each group (tie_key_values)."""
 
     def __init__(self, gpt, r):
@@ -42,14 +42,14 @@ class GroupedQueryGPT(torch.nn.Module):
         return self.gpt.attention_scale(layer)
 
     def grouped(self, hooks):
-        """Hooks on the H-head model: at k and v, the protocol's hook sees one head per group, (B, T, G, Dh),
+        """Hooks on the H-head model: at k and v, the protocol's hook sees one head per group (B, T, Hkv, Dh),
         and what it returns (or sees) is what every head of the group reads."""
         hooks = dict(hooks or {})
         for l in range(self.config.n_layer):
             for x in ("k", "v"):
                 name = atp.site(x, l)
                 def per_group(t, inner=hooks.get(name)):
-                    shared = t[:, :, ::self.r]  # (B, T, G, Dh): the first head of each group
+                    shared = t[:, :, ::self.r]  # (B, T, Hkv, Dh): the first head of each group
                     out = inner(shared) if inner is not None else None
                     return (shared if out is None else out).repeat_interleave(self.r, dim=2)  # (B, T, H, Dh)
                 hooks[name] = per_group
@@ -102,7 +102,7 @@ def max_diff(a, b):
 
 
 def group_sum(per_head):
-    """(B, L, T, H) -> (B, L, T, G): the sum over the query heads of each group."""
+    """(B, L, T, H) -> (B, L, T, Hkv): the sum over the query heads of each group."""
     B, L, T, H = per_head.shape
     return per_head.view(B, L, T, H // R, R).sum(-1)
 
@@ -180,7 +180,7 @@ def test_fast_forms_equal_their_references_with_key_value_heads(setting):
 
 def test_whole_position_key_value_heads(setting):
     gqa, gpt, clean, noise, metric = setting
-    got = atp.activation_patching(gqa, clean, noise, metric, kinds=("k",), positions="all")["k"]  # (B, L, G)
+    got = atp.activation_patching(gqa, clean, noise, metric, kinds=("k",), positions="all")["k"]  # B, L, Hkv
     nodes = [[("k", l, h) for h in range(g * R, (g + 1) * R)] for l in range(3) for g in range(2)]
     want = atp.patch_node_sets_reference(gpt, clean, noise, metric, nodes).T.reshape(2, 3, 2)
     est = atp.atp_estimates(gqa, clean, noise, metric, kinds=("k",), qk_fix=True, positions="all")["k"]

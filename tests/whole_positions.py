@@ -27,5 +27,5 @@ def whole_position_estimates(model, clean, noise, metric, kinds=atp.KINDS):
         clean_acts, grads = atp.clean_gradients(model, clean, metric, names)
         est["k"] = torch.stack([atp.key_fix_all_positions(
             clean_acts[atp.site("q", l)], clean_acts[atp.site("k", l)], noise_acts[atp.site("k", l)],
-            grads[pattern[l]], model.attention_scale(l)) for l in range(L)], 1)  # (B, L, G)
+            grads[pattern[l]], model.attention_scale(l)) for l in range(L)], 1)  # (B, L, Hkv)
     return est
