@@ -48,13 +48,16 @@ def main(argv=None):
     check_sizes(parser, args, model.config, clean.shape[1])
     metric = logit_diff(answer, wrong)  # logit(answer) - logit(other name), last position
     cfg = model.config
-    print(f"model: {label}: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}")
+    print(f"model: {label}: {cfg.n_layer} layers, {cfg.n_head} heads, "
+          f"d_model {cfg.n_embd}, d_mlp {cfg.d_mlp}")
     print(f"prompt pair 0 of {args.pairs}:\n  clean: {show[0]!r}\n  noise: {show[1]!r}")
     with torch.no_grad():
         m_clean, m_noise = metric(model(clean)), metric(model(noise))
-    print(f"metric = logit diff (answer - other name): clean {m_clean.mean():+.3f}, noise {m_noise.mean():+.3f}")
+    print(f"metric = logit diff (answer - other name): "
+          f"clean {m_clean.mean():+.3f}, noise {m_noise.mean():+.3f}")
     truth, scores = run_methods(model, clean, noise, metric)
-    for family, kinds in (("attention nodes (q, k, v, z)", ("q", "k", "v", "z")), ("MLP neurons", ("neuron",))):
+    families = (("attention nodes (q, k, v, z)", ("q", "k", "v", "z")), ("MLP neurons", ("neuron",)))
+    for family, kinds in families:
         print_family(family, kinds, truth, scores, args.top)
     print_bound(model, clean, noise, metric, truth, scores, args)
 
@@ -63,15 +66,18 @@ def argument_parser():
     import argparse
     parser = argparse.ArgumentParser(description="AtP* worked example: exact patching vs AtP, AtP+QK fix and "
                                      "AtP*, then verify-then-bound. Default: the shipped toy IOI model.")
-    parser.add_argument("--model", default=None, help="a Hugging Face GPT-2 directory (config.json + weights); "
-                        "default: the toy IOI model in toy_model/")
+    parser.add_argument("--model", default=None,
+                        help="a Hugging Face GPT-2 directory (config.json + weights); "
+                             "default: the toy IOI model in toy_model/")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the prompt pairs and the bound's subsets")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for the prompt pairs and the bound's subsets")
     parser.add_argument("--pairs", type=int, default=4, help="number of clean/noise prompt pairs")
     parser.add_argument("--top", type=int, default=10, help="K for top-K recall and the side-by-side table")
     parser.add_argument("--verify", type=int, default=20, help="nodes verified before the bound")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for the "
-                        "toy model, whose matrices are too small to gain from more; torch's default otherwise)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for the toy model, whose matrices are too small "
+                             "to gain from more; torch's default otherwise)")
     return parser
 
 
@@ -108,7 +114,8 @@ def run_methods(model, clean, noise, metric):
         timings[name] = time.perf_counter() - start
     print("time: " + ", ".join(f"{n} {t:.2f}s" for n, t in timings.items()))
     truth = {k: v.mean(0) for k, v in results["exact"].items()}  # c(n): the mean of the signed effects
-    scores = {name: {k: v.abs().mean(0) for k, v in results[name].items()} for name in ("AtP", "AtP+QK", "AtP*")}
+    scores = {name: {k: v.abs().mean(0) for k, v in results[name].items()}
+              for name in ("AtP", "AtP+QK", "AtP*")}
     return truth, scores
 
 
@@ -140,17 +147,19 @@ def print_family(family, kinds, truth, scores, K):
 
 
 def print_bound(model, clean, noise, metric, truth, scores, args):
-    """Verify-then-bound (the paper's diagnostic): rank attention nodes by AtP*, verify the top, bound the rest."""
+    """Verify-then-bound (the paper's diagnostic): rank attention nodes by AtP*, verify the top, bound
+    the rest."""
     import time
     ranking, _ = rank_nodes({k: scores["AtP*"][k] for k in ("q", "k", "v", "z")})
     start = time.perf_counter()
     p, n_samples = 0.1, 200
-    bound = false_negative_bound(model, clean, noise, metric, ranking, K=args.verify, p=p, n_samples=n_samples,
-                                 seed=args.seed)
+    bound = false_negative_bound(model, clean, noise, metric, ranking, K=args.verify, p=p,
+                                 n_samples=n_samples, seed=args.seed)
     elapsed = time.perf_counter() - start
     true_max = max(abs(truth[n[0]][n[1:]].item()) for n in bound["unverified"])
     print(f"\n== verify-then-bound on attention nodes: verified the AtP* top {args.verify}, then "
-          f"{n_samples} random joint patches (p = {p}) of the other {len(bound['unverified'])} ({elapsed:.1f}s) ==")
+          f"{n_samples} random joint patches (p = {p}) of the other {len(bound['unverified'])} "
+          f"({elapsed:.1f}s) ==")
     print(f"largest verified |c(n)|: {bound['verified_effects'].abs().max():.3f}")
     print(f"theta* (95% upper bound on any unverified |c(n)|): {bound['theta_star']:.3f} "
           f"(set by {node_label(bound['worst_node'])}); true largest unverified |c(n)|: {true_max:.3f}")

@@ -48,9 +48,9 @@ Numerics. The registered attention computes the softmax in the model's dtype, or
 16-bit models (HF's eager attention runs it in float32 even in float64 NeoX and Llama models), so a
 float64 model stays float64 there. HF's rotary cos/sin and Llama/Qwen2 RMSNorm work in float32 in
 every model: the adapter leaves them alone (a float64 Llama or Qwen2 is float32-accurate at its
-norms; every comparison in the tests still holds to 1e-10). bf16/fp16 models run as they are; site tensors are in
-the model's dtype, and atp_minimal's metrics and estimates promote to float32, so effects and scores
-come back in float32 (with bf16-sized rounding in the forward passes themselves).
+norms; every comparison in the tests still holds to 1e-10). bf16/fp16 models run as they are; site
+tensors are in the model's dtype, and atp_minimal's metrics and estimates promote to float32, so
+effects and scores come back in float32 (with bf16-sized rounding in the forward passes themselves).
 
 Devices. Hooks and tensors follow each module's device, so a model spread with accelerate's
 device_map runs as it is; the token ids go to the device of the input embedding. Tested on CPU only:
@@ -149,16 +149,18 @@ class HFAdapter(torch.nn.Module):
         d_head = getattr(attn, "head_dim", None) or attn.head_size  # NeoX calls it head_size
         n_head = cfg.num_attention_heads
         self.config = AdaptedConfig(
-            n_layer=len(layers), n_head=n_head, n_kv_head=getattr(cfg, "num_key_value_heads", None) or n_head,
-            d_head=d_head, d_mlp=down.weight.shape[0] if type(down).__name__ == "Conv1D" else down.in_features,
+            n_layer=len(layers), n_head=n_head,
+            n_kv_head=getattr(cfg, "num_key_value_heads", None) or n_head, d_head=d_head,
+            d_mlp=down.weight.shape[0] if type(down).__name__ == "Conv1D" else down.in_features,
             d_model=cfg.hidden_size, vocab_size=min(hf_model.get_input_embeddings().num_embeddings,
                                                     hf_model.get_output_embeddings().out_features),
             n_positions=cfg.max_position_embeddings)
         self.resume_sites = ("attn.hook_k", "attn.hook_v")  # post-rotary: resuming never re-rotates
         # The configs whose attention implementation a call switches (and restores): the model's, and any
         # submodel's that is not the same object.
-        self.configs = list({id(m.config): m.config for m in hf_model.modules()
-                             if hasattr(getattr(m, "config", None), "_attn_implementation_internal")}.values())
+        configs = {id(m.config): m.config for m in hf_model.modules()
+                   if hasattr(getattr(m, "config", None), "_attn_implementation_internal")}
+        self.configs = list(configs.values())
         self.sites = set(self.site_names())
         check_site_identities(self)
 
@@ -187,8 +189,9 @@ class HFAdapter(torch.nn.Module):
         of the forward consumes. attention_mask: refused unless None or all ones (no padding)."""
         self.check_tokens(idx)
         if attention_mask is not None and not bool((attention_mask == 1).all()):
-            raise ValueError("hf_adapter does not support padding masks (an attention_mask with zeros): atp_minimal "
-                             "compares prompts position by position; use unpadded prompts of one length")
+            raise ValueError("hf_adapter does not support padding masks (an attention_mask with zeros): "
+                             "atp_minimal compares prompts position by position; "
+                             "use unpadded prompts of one length")
         with self.running(hooks, n_layers=self.config.n_layer):
             out = self.model(input_ids=idx, use_cache=False, return_dict=True)
         return out.logits
@@ -219,7 +222,8 @@ class HFAdapter(torch.nn.Module):
             x = resid
             positions = torch.arange(P, P + x.shape[1], device=x.device)[None]  # (1, T')
             kwargs = dict(attention_mask=None, position_ids=positions)
-            if self.family.rotary is not None:  # cos, sin (1, T', rotary dims), as the model's forward makes them
+            # cos, sin (1, T', rotary dims), as the model's forward makes them
+            if self.family.rotary is not None:
                 kwargs["position_embeddings"] = get(self.model, self.family.rotary)(x, positions)
             for l in range(layer, L):
                 x = self.layers[l](x, **kwargs)
@@ -247,8 +251,9 @@ class HFAdapter(torch.nn.Module):
         if checkpointing is None:  # its name before transformers 5 deprecated it
             checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
         if self.model.training and checkpointing:
-            raise ValueError("hf_adapter does not support gradient checkpointing in training mode (the checkpointed "
-                             "layers would rerun the hooks in the backward pass); call model.eval() first")
+            raise ValueError("hf_adapter does not support gradient checkpointing in training mode "
+                             "(the checkpointed layers would rerun the hooks in the backward pass); "
+                             "call model.eval() first")
         call = Call(hooks, past or {})
         saved = [c._attn_implementation_internal for c in self.configs]
         handles = []
@@ -260,8 +265,9 @@ class HFAdapter(torch.nn.Module):
                 handles.append(self.module_hook(name, fn))
             yield call
             if n_layers is not None and len(call.ran) != n_layers:
-                raise RuntimeError(f"the adapter's attention function ran in {len(call.ran)} of {n_layers} layers: "
-                                   "this model does not route its attention through transformers' AttentionInterface")
+                raise RuntimeError(f"the adapter's attention function ran in {len(call.ran)} of {n_layers} "
+                                   "layers: this model does not route its attention through transformers' "
+                                   "AttentionInterface")
         finally:
             for h in handles:
                 if h is not None:
@@ -294,7 +300,8 @@ class HFAdapter(torch.nn.Module):
             raise KeyError(f"unknown hook site(s) {unknown}; model.site_names() lists the valid ones")
         not_callable = sorted(n for n, fn in hooks.items() if not callable(fn))
         if not_callable:
-            raise TypeError(f"the hooks for {not_callable} are not callable: each must be fn(tensor) -> tensor or None")
+            raise TypeError(f"the hooks for {not_callable} are not callable: "
+                            f"each must be fn(tensor) -> tensor or None")
         return hooks
 
     def check_tokens(self, idx):
@@ -304,8 +311,8 @@ class HFAdapter(torch.nn.Module):
             raise ValueError(f"sequence length {idx.shape[1]} must be between 1 and "
                              f"n_positions={self.config.n_positions}")
         if idx.min() < 0 or idx.max() >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got min {int(idx.min())}, "
-                             f"max {int(idx.max())}")
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); "
+                             f"got min {int(idx.min())}, max {int(idx.max())}")
 
 
 # --- the attention function: q, k, v, scores, pattern and z as sites
@@ -331,8 +338,8 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         raise RuntimeError(f"the {ATTENTION!r} attention implementation only runs inside hf_adapter calls; "
                            "select another one with model.set_attn_implementation('eager')")
     if attention_mask is not None:
-        raise ValueError("hf_adapter does not support attention masks (padding): its attention applies the causal "
-                         "mask itself")
+        raise ValueError("hf_adapter does not support attention masks (padding): "
+                         "its attention applies the causal mask itself")
     if kwargs.get("sliding_window") is not None:
         raise ValueError("hf_adapter does not support sliding-window attention")
     l, hooks = module.layer_idx, call.hooks
@@ -378,15 +385,18 @@ def run_hook(name, t, hooks):
     out = fn(t)
     if out is None:
         return t
-    if not isinstance(out, torch.Tensor) or out.shape != t.shape or out.dtype != t.dtype or out.device != t.device:
-        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"hook for {name} must return None or a tensor of shape {tuple(t.shape)}, dtype {t.dtype} "
-                         f"on {t.device}; got {got}")
+    if (not isinstance(out, torch.Tensor) or out.shape != t.shape or out.dtype != t.dtype
+            or out.device != t.device):
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"hook for {name} must return None or a tensor of shape {tuple(t.shape)}, "
+                         f"dtype {t.dtype} on {t.device}; got {got}")
     return out
 
 
 def input_hook(name, fn):
-    """A forward pre-hook that runs the site hook on the module's first input (positional or hidden_states=)."""
+    """A forward pre-hook that runs the site hook on the module's first input (positional or
+    hidden_states=)."""
     def hook(module, args, kwargs):
         if args:
             new = run_hook(name, args[0], {name: fn})
@@ -427,9 +437,9 @@ def check_version():
         have = None
     low, high = SUPPORTED_VERSIONS
     if have is None or not low <= have < high:
-        raise ImportError(f"hf_adapter supports transformers >= {low[0]}.{low[1]} and < {high[0]} (it relies on that "
-                          f"line's AttentionInterface and decoder-layer calls), found {installed}: "
-                          f"pip install 'transformers>=5.24,<6'")
+        raise ImportError(f"hf_adapter supports transformers >= {low[0]}.{low[1]} and < {high[0]} "
+                          f"(it relies on that line's AttentionInterface and decoder-layer calls), "
+                          f"found {installed}: pip install 'transformers>=5.24,<6'")
 
 
 def check_architecture(hf_model):
@@ -438,14 +448,16 @@ def check_architecture(hf_model):
     if name in KNOWN_UNSUPPORTED:
         raise ValueError(f"hf_adapter cannot handle {name}: {KNOWN_UNSUPPORTED[name]}")
     if name not in FAMILIES or not type(hf_model).__module__.startswith("transformers."):
-        raise ValueError(f"hf_adapter does not know the architecture {name} (supported: {', '.join(FAMILIES)}; "
+        raise ValueError(f"hf_adapter does not know the architecture {name} "
+                         f"(supported: {', '.join(FAMILIES)}; "
                          f"a subclass or another model may read its sites differently)")
     cfg, problems = hf_model.config, []
     layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
     if layer_types != ["full_attention"] or (name == "MistralForCausalLM" and cfg.sliding_window is not None):
         fix = "sliding_window=None" if name == "MistralForCausalLM" else "use_sliding_window=False"
-        problems.append(f"sliding-window attention (sliding_window={cfg.sliding_window}, layer types {layer_types}: "
-                        f"keys outside the window are masked, which the causal mask and the QK fix do not know); "
+        problems.append(f"sliding-window attention (sliding_window={cfg.sliding_window}, "
+                        f"layer types {layer_types}: keys outside the window are masked, "
+                        f"which the causal mask and the QK fix do not know); "
                         f"set {fix} only if your prompts are shorter than the window")
     for field in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(cfg, field, None):
@@ -456,11 +468,13 @@ def check_architecture(hf_model):
         if getattr(cfg, field, None):
             problems.append(f"mixture-of-experts MLPs ({field}={getattr(cfg, field)})")
     if getattr(cfg, "add_cross_attention", False):
-        problems.append("cross-attention (add_cross_attention=True): only decoder-only self-attention is supported")
+        problems.append("cross-attention (add_cross_attention=True): "
+                        "only decoder-only self-attention is supported")
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") not in ROPE_TYPES:
-        problems.append(f"rotary scaling rope_type={rope['rope_type']!r} (supported: {', '.join(ROPE_TYPES)}, whose "
-                        f"frequencies do not depend on the sequence length)")
+        problems.append(f"rotary scaling rope_type={rope['rope_type']!r} "
+                        f"(supported: {', '.join(ROPE_TYPES)}, "
+                        f"whose frequencies do not depend on the sequence length)")
     if getattr(cfg, "is_encoder_decoder", False):
         problems.append("encoder-decoder models")
     if problems:
@@ -495,14 +509,15 @@ def check_site_identities(adapted, T=4):
             from_zero = adapted.forward_from(0, cache["blocks.0.hook_resid_pre"])
             past = [(cache[f"blocks.{l}.attn.hook_k"][:, :start], cache[f"blocks.{l}.attn.hook_v"][:, :start])
                     for l in range(1, L)]
-            resumed = adapted.forward_from(1, cache["blocks.1.hook_resid_pre"][:, start:], past=past) if L > 1 else None
+            resumed = (adapted.forward_from(1, cache["blocks.1.hook_resid_pre"][:, start:], past=past)
+                       if L > 1 else None)
     finally:
         for m, mode in modes.items():
             m.training = mode
     dtype = logits.dtype
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)  # relative to each tensor's size
-    fail = lambda what, err: ValueError(f"hf_adapter cannot handle this {type(model).__name__}: {what} fails by "
-                                        f"{err:.3g} on a probe input")
+    fail = lambda what, err: ValueError(f"hf_adapter cannot handle this {type(model).__name__}: "
+                                        f"{what} fails by {err:.3g} on a probe input")
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, S)
     for l in range(L):
         c = {n.split(".", 2)[2]: cache[n].double().to(device) for n in names if n.startswith(f"blocks.{l}.")}
@@ -511,8 +526,10 @@ def check_site_identities(adapted, T=4):
         k, v = (c[f"attn.hook_{x}"].repeat_interleave(group, dim=2).transpose(1, 2) for x in "kv")
         scores = (q @ k.transpose(-1, -2)) * adapted.attention_scale(l)  # (1, H, T, S)
         pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        checks = {f"in layer {l}, pattern = softmax(q.k * attention_scale, causal)": (c["attn.hook_pattern"], pattern),
-                  f"in layer {l}, z = pattern @ v": (c["attn.hook_z"], (c["attn.hook_pattern"] @ v).transpose(1, 2)),
+        checks = {f"in layer {l}, pattern = softmax(q.k * attention_scale, causal)":
+                      (c["attn.hook_pattern"], pattern),
+                  f"in layer {l}, z = pattern @ v":
+                      (c["attn.hook_z"], (c["attn.hook_pattern"] @ v).transpose(1, 2)),
                   f"in layer {l}, resid_post = resid_pre + attn_out + mlp_out":
                       (c["hook_resid_post"], c["hook_resid_pre"] + c["hook_attn_out"] + c["hook_mlp_out"])}
         for what, (got, want) in checks.items():
@@ -520,16 +537,17 @@ def check_site_identities(adapted, T=4):
             if not err <= tol * max(1.0, want.abs().max().item()):
                 raise fail(what, err)
         if l + 1 < L and cache[f"blocks.{l + 1}.hook_resid_pre"] is not cache[f"blocks.{l}.hook_resid_post"]:
-            raise ValueError(f"hf_adapter cannot handle this {type(model).__name__}: layer {l + 1} does not consume "
-                             f"layer {l}'s output tensor itself (GradDrop relies on it)")
+            raise ValueError(f"hf_adapter cannot handle this {type(model).__name__}: "
+                             f"layer {l + 1} does not consume layer {l}'s output tensor itself "
+                             f"(GradDrop relies on it)")
     scale = max(1.0, logits.abs().max().item())
     # The model's own attention may round its softmax to float32 (eager) or use fused kernels: a loose check,
     # there to catch attention that is not q.k * scale with a causal mask at all.
     own_tol = 1e-4 if dtype in (torch.float64, torch.float32) else 0.1
     for what, got, want in (("the adapter's attention against the model's own", own, logits),
                             ("forward_from(0) against the full forward", from_zero, logits),
-                            (f"forward_from(1) resumed at position {T // 2} against the full forward", resumed,
-                             logits[:, T // 2:])):
+                            (f"forward_from(1) resumed at position {T // 2} against the full forward",
+                             resumed, logits[:, T // 2:])):
         if got is None:
             continue
         err = (got.double() - want.double().to(got.device)).abs().max().item()

@@ -90,8 +90,8 @@ def adapt(model):
         return (ResumableBridgeAdapter if family == "neox" else TransformerBridgeAdapter)(model)
     if is_a(model, "HookedTransformer"):
         return HookedTransformerAdapter(model)
-    raise TypeError(f"tl_adapter.adapt needs a transformer_lens HookedTransformer (transformer-lens 2.18, 3.9) "
-                    f"or TransformerBridge (4.x), got {type(model).__name__}")
+    raise TypeError(f"tl_adapter.adapt needs a transformer_lens HookedTransformer "
+                    f"(transformer-lens 2.18, 3.9) or TransformerBridge (4.x), got {type(model).__name__}")
 
 
 def is_a(model, class_name):
@@ -289,9 +289,9 @@ def check_architecture(model):
         if type(block.attn).__name__ != "Attention":
             problems.append(f"block {l} attention is {type(block.attn).__name__}, not Attention")
         if type(getattr(block, "mlp", None)).__name__ != "MLP":
-            problems.append(f"block {l} MLP is {type(getattr(block, 'mlp', None)).__name__}, not MLP (neurons "
-                            f"are mlp.hook_post of a dense, ungated MLP; gated and mixture-of-experts MLPs "
-                            f"are untested)")
+            problems.append(f"block {l} MLP is {type(getattr(block, 'mlp', None)).__name__}, not MLP "
+                            f"(neurons are mlp.hook_post of a dense, ungated MLP; gated and "
+                            f"mixture-of-experts MLPs are untested)")
     if problems:
         raise ValueError("tl_adapter cannot handle this HookedTransformer correctly:\n  "
                          + "\n  ".join(problems))
@@ -560,7 +560,8 @@ def check_site_identities(adapted, T=4):
                       (c["attn.hook_pattern"], pattern, pattern_tol),
                   "z = pattern @ v": (c["attn.hook_z"], (c["attn.hook_pattern"] @ v).transpose(1, 2), tol),
                   "resid_post = resid_pre + attn_out + mlp_out":
-                      (c["hook_resid_post"], c["hook_resid_pre"] + c["hook_attn_out"] + c["hook_mlp_out"], tol)}
+                      (c["hook_resid_post"],
+                       c["hook_resid_pre"] + c["hook_attn_out"] + c["hook_mlp_out"], tol)}
         for claim, (got, want, tol_here) in checks.items():
             err = (got - want).abs().max().item()
             if not err <= tol_here * max(1.0, want.abs().max().item()):

@@ -56,8 +56,9 @@ def models():
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
     pythia = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-        vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True)).eval()
+        vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, max_position_embeddings=2048, rotary_pct=0.25,
+        use_parallel_residual=True)).eval()
     return {"gpt2-small shape": gpt2, "pythia-160m shape": pythia}
 
 
@@ -109,8 +110,8 @@ def spread(ratios):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="4 neurons per layer and position instead of 12, "
-                                                                 "1 repeat instead of 3")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 neurons per layer and position instead of 12, 1 repeat instead of 3")
     args = parser.parse_args()
     torch.set_num_threads(1)
     repeats = 1 if args.quick else 3

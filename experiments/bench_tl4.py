@@ -113,31 +113,36 @@ def main():
 
     rows = {
         "TransformerLens attribution_patch (z, mlp_out)":
-            lambda: attribution_patch(bridge, clean=noise, corrupt=clean, metric_fn=lambda x: metric(x).sum()),
+            lambda: attribution_patch(bridge, clean=noise, corrupt=clean,
+                                      metric_fn=lambda x: metric(x).sum()),
         "atp_estimates (q, k, v, z, neuron)": lambda: atp.atp_estimates(adapted, clean, noise, metric),
-        "atp_estimates (z, neuron)": lambda: atp.atp_estimates(adapted, clean, noise, metric, kinds=("z", "neuron")),
+        "atp_estimates (z, neuron)":
+            lambda: atp.atp_estimates(adapted, clean, noise, metric, kinds=("z", "neuron")),
         "atp_star (q, k, v, z, neuron)": lambda: atp.atp_star(adapted, clean, noise, metric),
     }
     forward()
     F = statistics.median(seconds(forward) for _ in range(args.repeats))
     results = {name: measure(fn, forward, args.repeats) for name, fn in rows.items()}
 
+    flags = (("B", args.B), ("T", args.T), ("repeats", args.repeats), ("threads", args.threads))
     command = "python experiments/bench_tl4.py" + "".join(
-        f" --{k} {v}" for k, v in (("B", args.B), ("T", args.T), ("repeats", args.repeats), ("threads", args.threads))
-        if v != parser.get_default(k))
-    title = "# AtP on a TransformerBridge: TransformerLens's attribution_patch vs atp_minimal through tl_adapter"
+        f" --{k} {v}" for k, v in flags if v != parser.get_default(k))
+    title = ("# AtP on a TransformerBridge: TransformerLens's attribution_patch vs atp_minimal "
+             "through tl_adapter")
     lines = [title, "",
              f"Made by `{command}`: transformer-lens {version('transformer-lens')}, transformers "
-             f"{version('transformers')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-             f"{args.threads} thread(s).",
-             f"GPT-2-small-shaped random bridge (L={cfg.n_layer}, H={cfg.n_head}, d_model 768, d_mlp {cfg.d_mlp}, "
-             f"vocab {cfg.vocab_size}), float32, B = {args.B} prompt pairs, T = {args.T}. "
+             f"{version('transformers')}, torch {torch.__version__}, "
+             f"{platform.processor() or platform.machine()}, {args.threads} thread(s).",
+             f"GPT-2-small-shaped random bridge (L={cfg.n_layer}, H={cfg.n_head}, d_model 768, "
+             f"d_mlp {cfg.d_mlp}, vocab {cfg.vocab_size}), float32, B = {args.B} prompt pairs, T = {args.T}. "
              f"1 F = one no-grad forward of the bridge on the B clean prompts = {1e3 * F:.0f} ms (median of "
              f"{args.repeats}); each row: median over {args.repeats} repeats of time / F (F measured around "
              f"each repeat), and the range.", "",
              "| method | time / F | range | seconds |", "|---|---|---|---|"]
-    lines += [f"| {name} | {r:.1f} | {lo:.1f} - {hi:.1f} | {s:.2f} |" for name, (r, lo, hi, s) in results.items()]
-    lines += ["", "attribution_patch runs one clean forward and one corrupt forward + backward per prompt pair "
+    lines += [f"| {name} | {r:.1f} | {lo:.1f} - {hi:.1f} | {s:.2f} |"
+              for name, (r, lo, hi, s) in results.items()]
+    lines += ["",
+              "attribution_patch runs one clean forward and one corrupt forward + backward per prompt pair "
               "(batch 1); atp_estimates one noise forward, one clean forward and one backward for the whole "
               "batch. Both give the same numbers where their nodes meet (tests/test_tl_adapter_bridge.py)."]
     print("\n".join(lines))

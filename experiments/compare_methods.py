@@ -608,9 +608,9 @@ def report_header(title, command, cfg, rows, elapsed, dist_pairs, dtype):
             "Relative cost (paper §4 Experiments): the inverse-rank-weighted (w ∝ 1/x) geometric mean of "
             f"cost(x)/x over x = 1..X, where X counts the nodes with |c(n)| ≥ {COUNTED:g} × the largest "
             "|c(n)| of their family in that setting (smaller effects are not what verification is for; "
-            "counting every c(n) ≠ 0 would count rounding residue, whose exact zeros depend on the CPU); the "
-            "oracle scores 1. Each cell: geometric mean over prompt pairs (and seeds, for Subsampling and "
-            "Random) ×/÷ geometric std. C: the method's own cost per prompt pair, in forward passes "
+            "counting every c(n) ≠ 0 would count rounding residue, whose exact zeros depend on the CPU); "
+            "the oracle scores 1. Each cell: geometric mean over prompt pairs (and seeds, for Subsampling "
+            "and Random) ×/÷ geometric std. C: the method's own cost per prompt pair, in forward passes "
             "(accounting below).", ""]
 
 

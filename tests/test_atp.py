@@ -1,4 +1,5 @@
-"""Tests for atp_minimal.py: an exactness ladder from the definitions of the paper (§2 Background, §3 Methods).
+"""Tests for atp_minimal.py: an exactness ladder from the definitions of the paper (§2 Background,
+§3 Methods).
 
 The brute-force forms are atp_minimal's own Part I reference functions (activation_patching_reference,
 patch_nodes, atp_estimates_reference, query_fix, key_fix_reference, grad_drop_scores_reference, ...);
@@ -75,7 +76,8 @@ def units(model, kind):
 
 def node_values(model, idx, kinds):
     with torch.no_grad():
-        _, cache = atp.run_with_cache(model, idx, [site_of(k, l) for k in kinds for l in range(model.config.n_layer)])
+        _, cache = atp.run_with_cache(model, idx,
+                                      [site_of(k, l) for k in kinds for l in range(model.config.n_layer)])
     return cache
 
 
@@ -131,7 +133,8 @@ def test_every_effect_and_estimate_is_exactly_zero_when_clean_equals_noise():
             for gd in (False, True):
                 results[f"atp qk={qk} gd={gd}/{positions}"] = atp.attribution_patching(
                     model, clean, clean.clone(), metric, qk_fix=qk, grad_drop=gd, positions=positions)
-        results[f"atp_star/{positions}"] = atp.atp_star(model, clean, clean.clone(), metric, positions=positions)
+        results[f"atp_star/{positions}"] = atp.atp_star(model, clean, clean.clone(), metric,
+                                                        positions=positions)
     failures = []
     for name, res in results.items():
         line = {k: v.abs().max().item() for k, v in res.items()}
@@ -158,22 +161,25 @@ def test_nodes_the_noise_prompt_does_not_move_get_exactly_zero():
     failures = []
     for name, res in results.items():
         line = {k: v[:, :, :3].abs().max().item() for k, v in res.items()}  # positions 0-2 only
-        print(f"  {name:9s} max |value| at unmoved positions: " + "  ".join(f"{k} {m:.2g}" for k, m in line.items()))
+        print(f"  {name:9s} max |value| at unmoved positions: " + "  ".join(
+            f"{k} {m:.2g}" for k, m in line.items()))
         failures += [f"{name} {k}: {m:.3g}" for k, m in line.items() if m != 0]
     assert not failures, "non-zero for nodes with Delta = 0: " + "; ".join(failures)
 
 
 def test_key_fix_and_query_fix_are_exactly_zero_when_nothing_moves():
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64)
+    q, k = (torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64),
+            torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64))
     G = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64)
     for positions in ("each", "all"):
         kf = atp.key_fix(q, k, k.clone(), G, 0.5) if positions == "each" else \
             atp.key_fix_all_positions(q, k, k.clone(), G, 0.5)
         kr = atp.key_fix_reference(q, k, k.clone(), G, 0.5) if positions == "each" else kf
         qf = atp.query_fix(q, q.clone(), k, G, 0.5)
-        print(f"  positions={positions}: max |key_fix| = {kf.abs().max().item():.3g}, max |key_fix_reference| = "
-              f"{kr.abs().max().item():.3g}, max |query_fix| = {qf.abs().max().item():.3g}")
+        print(f"  positions={positions}: max |key_fix| = {kf.abs().max().item():.3g}, "
+              f"max |key_fix_reference| = {kr.abs().max().item():.3g}, "
+              f"max |query_fix| = {qf.abs().max().item():.3g}")
         assert (kf == 0).all() and (kr == 0).all() and (qf == 0).all()
 
 
@@ -205,7 +211,8 @@ def test_atp_equals_the_directional_derivative_along_delta_for_every_kind():
             plus, minus = values.view(2, T, U, B)
             fd[:, l] = ((plus - minus) / (2 * FD_EPS)).permute(2, 0, 1)  # d/de metric(n_c + e Delta)
         diff = max_diff(est[kind], fd)
-        print(f"  {kind:6s}: max |AtP - finite difference| = {diff:.2e}   (max |AtP| = {est[kind].abs().max():.3f})")
+        print(f"  {kind:6s}: max |AtP - finite difference| = {diff:.2e}"
+              f"   (max |AtP| = {est[kind].abs().max():.3f})")
         assert diff < FD_TOL
 
 
@@ -219,7 +226,8 @@ def test_atp_equals_exact_patching_where_the_model_is_linear_in_the_node():
     est = atp.attribution_patching(model, clean, noise, metric, kinds=("neuron",))["neuron"]
     true = atp.activation_patching(model, clean, noise, metric, kinds=("neuron",))["neuron"]
     diff = max_diff(est[:, L - 1], true[:, L - 1])
-    print(f"  last-layer neurons: max |AtP - exact| = {diff:.2e}  (max |effect| {true[:, L - 1].abs().max():.3f});"
+    print(f"  last-layer neurons: max |AtP - exact| = {diff:.2e}"
+          f"  (max |effect| {true[:, L - 1].abs().max():.3f});"
           f" layer 0, not linear: {max_diff(est[:, 0], true[:, 0]):.2e}")
     assert diff < EXACT_TOL
     # GPT-2 blocks are sequential: the last MLP reads the attention output, so v and z of the last
@@ -243,19 +251,21 @@ def test_fast_qk_fix_equals_the_literal_softmax_recomputation_in_a_model(positio
     model = random_gpt(4, n_layer=3, n_head=2, n_embd=16, std=0.8)  # std 0.8: many saturated rows
     clean, noise = prompts(model, B=2, T=6, seed=4)
     metric = atp.neg_log_prob(2)
-    est = atp.attribution_patching(model, clean, noise, metric, kinds=("q", "k"), qk_fix=True, positions=positions)
+    est = atp.attribution_patching(model, clean, noise, metric, kinds=("q", "k"), qk_fix=True,
+                                   positions=positions)
     with torch.no_grad():
         _, cl = atp.run_with_cache(model, clean, [pattern_site(l) for l in range(model.config.n_layer)])
     top = torch.stack([cl[pattern_site(l)].max(-1).values for l in range(model.config.n_layer)])
     print(f"  rows with max prob > 1 - 1e-6: {(top > 1 - 1e-6).float().mean():.0%}")
     for kind in ("q", "k"):
-        want = atp.atp_qk_fix_reference(model, clean, noise, metric, (kind,))[kind] if positions == "each" else \
-            whole_position_estimates(model, clean, noise, metric, (kind,))[kind]
+        want = (atp.atp_qk_fix_reference(model, clean, noise, metric, (kind,))[kind] if positions == "each"
+                else whole_position_estimates(model, clean, noise, metric, (kind,))[kind])
         diff = max_diff(est[kind], want)
         alone = atp.attribution_patching(model, clean, noise, metric, kinds=(kind,), qk_fix=True,
                                          positions=positions)[kind]  # asking for one kind changes nothing
         print(f"  {kind} positions={positions}: max |QK fix - literal QK fix| = {diff:.2e}"
-              f"  (max |estimate| {want.abs().max():.3f}); kinds=('{kind}',) alone: {max_diff(alone, want):.2e}")
+              f"  (max |estimate| {want.abs().max():.3f});"
+              f" kinds=('{kind}',) alone: {max_diff(alone, want):.2e}")
         assert diff < QK_TOL and max_diff(alone, want) < QK_TOL
 
 
@@ -295,7 +305,8 @@ def test_fast_key_fix_equals_the_literal_key_fix_on_extreme_rows(case):
     scale = 0.35
     q_c, q_n, k_c, k_n = synthetic_qk(Z, Zq, Zk, scale)
     scores = causal_scores(q_c, k_c, scale)
-    G = torch.randn(Z.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)  # masked entries too
+    # masked entries too
+    G = torch.randn(Z.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     a = torch.softmax(scores, -1)
     print(f"  [{case}] rows with max prob > 1-1e-6: {(a.max(-1).values > 1 - 1e-6).float().mean():.0%}, "
           f"smallest non-zero prob {a[a > 0].min().item():.1e}, probs exactly 0 (underflow) "
@@ -340,7 +351,8 @@ def test_qk_fixed_estimates_equal_exact_patching_in_a_one_layer_attention_only_m
     model = no_final_ln(random_gpt(8, n_layer=1, n_head=3, n_embd=12, std=1.0))
     zero_(model.transformer.h[0].mlp.c_proj)
     clean, noise = prompts(model, B=3, T=6, seed=8)
-    W = torch.randn(6, model.config.vocab_size, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    W = torch.randn(6, model.config.vocab_size, generator=torch.Generator().manual_seed(9),
+                    dtype=torch.float64)
     metrics = {"logit_diff": atp.logit_diff(1, 2), "random linear functional of all logits":
                lambda logits: (logits * W).sum((1, 2))}
     for mname, metric in metrics.items():
@@ -403,14 +415,16 @@ def test_grad_drop_recovers_a_node_whose_direct_and_indirect_effects_cancel():
     model, x_c = cancellation_model()
     clean, noise = torch.tensor([[0]]), torch.tensor([[1]])
     metric = atp.logit_diff(2, 3)
-    true = atp.activation_patching(model, clean, noise, metric, kinds=("neuron",))["neuron"][0, 0, 0, 0].item()
+    true = atp.activation_patching(model, clean, noise, metric,
+                                   kinds=("neuron",))["neuron"][0, 0, 0, 0].item()
     own = atp.patch_nodes(model, clean, noise, metric, [("neuron", 0, 0, 0)]).item()
-    plain = atp.attribution_patching(model, clean, noise, metric, kinds=("neuron",))["neuron"][0, 0, 0, 0].item()
+    plain = atp.attribution_patching(model, clean, noise, metric,
+                                     kinds=("neuron",))["neuron"][0, 0, 0, 0].item()
     star = atp.atp_star(model, clean, noise, metric, kinds=("neuron",))["neuron"][0, 0, 0, 0].item()
     # by hand: drop 0 -> 0 (own layer); drop 1 -> direct path only, |Delta * 1| = x_c; drop 2 (an empty
     # layer) -> |AtP| = 0. So the score is (0 + x_c + 0) / (L - 1) = x_c / 2.
-    print(f"  layer-0 neuron: AtP = {plain:.2e}, GradDrop (AtP*) = {star:.6f} (by hand x_c/2 = {x_c / 2:.6f}),"
-          f" exact effect = {true:.6f} (own hook: {own:.6f})")
+    print(f"  layer-0 neuron: AtP = {plain:.2e}, GradDrop (AtP*) = {star:.6f}"
+          f" (by hand x_c/2 = {x_c / 2:.6f}), exact effect = {true:.6f} (own hook: {own:.6f})")
     assert abs(true - own) < EXACT_TOL
     assert abs(plain) < 1e-12 and abs(true) > 0.4  # AtP misses a large effect
     assert abs(star - x_c / 2) < REL_TOL * x_c
@@ -423,7 +437,8 @@ def test_fast_grad_drop_equals_the_literal_detach_per_layer_form(positions):
     clean, noise = prompts(model, B=2, T=5, seed=10)
     metric = atp.neg_log_prob(4)
     for qk in (False, True):
-        got = atp.attribution_patching(model, clean, noise, metric, qk_fix=qk, grad_drop=True, positions=positions)
+        got = atp.attribution_patching(model, clean, noise, metric, qk_fix=qk, grad_drop=True,
+                                       positions=positions)
         estimates = atp.atp_qk_fix_reference if qk else atp.atp_estimates_reference
         if positions == "all":
             estimates = whole_position_estimates if qk else whole_position_atp
@@ -462,8 +477,8 @@ def test_grad_drop_arithmetic_on_hand_worked_cases():
     metric = atp.neg_log_prob(3)
     plain = atp.attribution_patching(model, clean, noise, metric)
     drop = atp.attribution_patching(model, clean, noise, metric, grad_drop=True)
-    drop1 = atp.atp_estimates_reference(atp.GradientDropped(model, ["blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"]),
-                                        clean, noise, metric)
+    dropped = atp.GradientDropped(model, ["blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"])
+    drop1 = atp.atp_estimates_reference(dropped, clean, noise, metric)
     for kind in atp.KINDS:
         want = {0: (drop1[kind][:, 0].abs() + 2 * plain[kind][:, 0].abs()) / 3, 1: plain[kind][:, 1].abs(),
                 2: torch.zeros_like(plain[kind][:, 2]), 3: torch.zeros_like(plain[kind][:, 3])}
@@ -496,8 +511,9 @@ def test_batched_results_equal_one_pair_at_a_time():
              "atp_star": lambda c, n, m, p: atp.atp_star(model, c, n, m, positions=p)}
     for qk in (False, True):
         for gd in (False, True):
-            calls[f"attribution qk={qk} gd={gd}"] = (lambda c, n, m, p, qk=qk, gd=gd: atp.attribution_patching(
-                model, c, n, m, qk_fix=qk, grad_drop=gd, positions=p))
+            calls[f"attribution qk={qk} gd={gd}"] = (
+                lambda c, n, m, p, qk=qk, gd=gd: atp.attribution_patching(
+                    model, c, n, m, qk_fix=qk, grad_drop=gd, positions=p))
     for name, call in calls.items():
         for positions in ("each", "all"):
             batched = call(clean, noise, metric, positions)
@@ -516,8 +532,8 @@ def test_activation_patching_does_not_depend_on_chunk_size():
     for positions in ("each", "all"):
         ref = atp.activation_patching(model, clean, noise, metric, positions=positions, chunk_size=1000)
         for chunk in (1, 5):
-            other = atp.activation_patching(model, clean, noise, metric, positions=positions, chunk_size=chunk,
-                                            progress=False)
+            other = atp.activation_patching(model, clean, noise, metric, positions=positions,
+                                            chunk_size=chunk, progress=False)
             diff = max(max_diff(ref[k], other[k]) for k in atp.KINDS)
             print(f"  positions={positions} chunk_size={chunk} vs 1000: max diff {diff:.1e}")
             assert diff < BATCH_TOL
@@ -536,7 +552,8 @@ def test_whole_position_patching_equals_patching_every_position_with_a_hook():
         # single-position nodes, spot-checked with the same hook
         spot = atp.patch_nodes(model, clean, noise, metric, [(kind, 1, 2, 1)])
         diff, spot_diff = max_diff(got[kind], want), max_diff(each[kind][:, 1, 2, 1], spot)
-        print(f"  {kind:6s}: positions='all' vs own hook {diff:.1e}; one 'each' node vs own hook {spot_diff:.1e}")
+        print(f"  {kind:6s}: positions='all' vs own hook {diff:.1e};"
+              f" one 'each' node vs own hook {spot_diff:.1e}")
         assert diff < BATCH_TOL and spot_diff < BATCH_TOL
 
 
@@ -599,7 +616,8 @@ def test_qk_fix_verifies_the_toy_models_true_top_10_in_far_fewer_patches_than_at
     clean, noise, answer, wrong = toy_ioi.make_pairs(16, "test", seed=0)
     metric = atp.logit_diff(answer, wrong)
     exact = atp.activation_patching(model, clean, noise, metric, kinds=ATTN, progress=False)  # (B, L, T, H)
-    est = {"AtP": {k: v.abs() for k, v in atp.attribution_patching(model, clean, noise, metric, ATTN).items()},
+    est = {"AtP": {k: v.abs() for k, v in
+                   atp.attribution_patching(model, clean, noise, metric, ATTN).items()},
            "AtP+QK fix": {k: v.abs() for k, v in
                           atp.attribution_patching(model, clean, noise, metric, ATTN, qk_fix=True).items()},
            "AtP*": atp.atp_star(model, clean, noise, metric, ATTN)}  # per pair, >= 0
@@ -637,7 +655,8 @@ def test_metrics_compute_what_their_names_say():
     want = torch.stack([logits[b, 2, a] - logits[b, 2, 4] for b, a in enumerate([1, 2, 3])])
     nlp = atp.neg_log_prob(6)(logits)
     want_nlp = torch.stack([-(logits[b, -1, 6] - logits[b, -1].exp().sum().log()) for b in range(3)])
-    print(f"  logit_diff(position=2) max diff {max_diff(ld, want):.1e}; neg_log_prob max diff {max_diff(nlp, want_nlp):.1e}")
+    print(f"  logit_diff(position=2) max diff {max_diff(ld, want):.1e};"
+          f" neg_log_prob max diff {max_diff(nlp, want_nlp):.1e}")
     assert max_diff(ld, want) == 0 and max_diff(nlp, want_nlp) < 1e-14
 
 
@@ -680,7 +699,8 @@ def test_a_model_in_training_mode_gives_eval_numbers_and_keeps_its_mode():
     clean, noise = prompts(model, B=2, T=4, seed=31)
     metric = atp.logit_diff(0, 1)
     calls = {"activation_patching": lambda: atp.activation_patching(model, clean, noise, metric),
-             "attribution_patching": lambda: atp.attribution_patching(model, clean, noise, metric, qk_fix=True),
+             "attribution_patching":
+                 lambda: atp.attribution_patching(model, clean, noise, metric, qk_fix=True),
              "atp_star": lambda: atp.atp_star(model, clean, noise, metric)}
     for name, call in calls.items():
         model.eval()
@@ -736,7 +756,8 @@ def test_last_position_fast_path_equals_full_logits():
     member = torch.rand(6, 40, generator=torch.Generator().manual_seed(0)) < 0.3
     nodes = atp.rank_nodes({k: v.mean(0) for k, v in b.items()})[0][:40]
     masks = atp.node_masks(model, clean.shape[1], nodes, member)
-    sets = (atp.patch_node_sets(model, clean, noise, fast, masks) - atp.patch_node_sets(model, clean, noise, full, masks))
+    sets = (atp.patch_node_sets(model, clean, noise, fast, masks)
+            - atp.patch_node_sets(model, clean, noise, full, masks))
     worst = max(worst, sets.abs().max().item())
     print(f"last-position fast path vs full logits: max abs diff {worst:.1e}")
     assert worst <= 1e-12
@@ -744,7 +765,8 @@ def test_last_position_fast_path_equals_full_logits():
 
 def test_frozen_bf16_model_unmoved_nodes_score_zero_and_inference_mode_is_refused():
     # Frozen parameters (common in interpretability code) must not matter: gradients are taken with
-    # respect to activations. Under bf16, the QK fix must still give exactly 0 to nodes the noise does not move.
+    # respect to activations. Under bf16, the QK fix must still give exactly 0 to nodes the noise does
+    # not move.
     model, clean, noise = small_pair()
     metric = atp.logit_diff(1, 2)
     reference = atp.atp_star(model, clean, noise, metric)

@@ -1,4 +1,5 @@
-"""Verify-then-bound (the paper's diagnostic, §3 Methods; Algorithm 1, subset sampling): subset statistics, the Welch bound, and its coverage.
+"""Verify-then-bound (the paper's diagnostic, §3 Methods; Algorithm 1, subset sampling): subset
+statistics, the Welch bound, and its coverage.
 
 Run with `pytest -s tests/test_bound.py` to see the evidence each test prints."""
 
@@ -20,7 +21,8 @@ def test_student_t_matches_published_table_values():
     table = {(0.975, 10): 2.228138852, (0.95, 5): 2.015048373, (0.95, 1): 6.313751515,
              (0.95, math.inf): 1.644853627}
     worst = max(abs(atp.student_t_quantile(q, df) - v) for (q, df), v in table.items())
-    cauchy = max(abs(atp.student_t_sf(t, 1.0) - (0.5 - math.atan(t) / math.pi)) for t in (-3, -0.5, 0, 0.7, 9))
+    cauchy = max(abs(atp.student_t_sf(t, 1.0) - (0.5 - math.atan(t) / math.pi))
+                 for t in (-3, -0.5, 0, 0.7, 9))
     df2 = max(abs(atp.student_t_sf(t, 2.0) - (0.5 - t / (2 * math.sqrt(t * t + 2)))) for t in (-2, 0.1, 1, 5))
     print(f"max |quantile - table| {worst:.1e}; df=1 sf error {cauchy:.1e}; df=2 sf error {df2:.1e}")
     assert worst < 1e-8 and cauchy < 1e-12 and df2 < 1e-12
@@ -67,7 +69,8 @@ def test_p_value_rejects_far_thresholds_and_not_near_ones():
     c = torch.zeros(100, dtype=torch.float64)
     c[0] = 0.5
     member = torch.rand(400, 100, generator=gen) < 0.2
-    y = member.double() @ c + 0.01 * torch.randn(400, generator=gen, dtype=torch.float64)  # + measurement noise
+    # + measurement noise
+    y = member.double() @ c + 0.01 * torch.randn(400, generator=gen, dtype=torch.float64)
     stats = atp.subset_statistics(member, y)
     theta_star, worst, p_far = atp.welch_bound(*stats, theta=5.0)
     _, _, p_near = atp.welch_bound(*stats, theta=0.5)
@@ -95,15 +98,18 @@ def test_bound_covers_the_true_largest_unverified_effect_on_the_toy_model():
     # Attention nodes, ranked by AtP*, top K verified; the truth comes from exhaustive patching.
     model, clean, noise, metric = toy_or_random_model()
     kinds = ("q", "k", "v", "z")
-    truth = {k: v.mean(0) for k, v in atp.activation_patching(model, clean, noise, metric, kinds=kinds).items()}
+    truth = {k: v.mean(0) for k, v in
+             atp.activation_patching(model, clean, noise, metric, kinds=kinds).items()}
     scores = {k: v.mean(0) for k, v in atp.atp_star(model, clean, noise, metric, kinds=kinds).items()}
     ranking, _ = atp.rank_nodes(scores)
     K = 10
     covered, seeds = 0, range(8)
     for seed in seeds:
-        r = atp.false_negative_bound(model, clean, noise, metric, ranking, K=K, p=0.1, n_samples=200, seed=seed)
+        r = atp.false_negative_bound(model, clean, noise, metric, ranking, K=K, p=0.1, n_samples=200,
+                                     seed=seed)
         true_max = max(abs(truth[n[0]][n[1:]].item()) for n in r["unverified"])
-        verified_err = max(abs(e.item() - truth[n[0]][n[1:]].item()) for n, e in zip(r["verified"], r["verified_effects"]))
+        verified_err = max(abs(e.item() - truth[n[0]][n[1:]].item())
+                           for n, e in zip(r["verified"], r["verified_effects"]))
         covered += r["theta_star"] >= true_max
         print(f"seed {seed}: theta* {r['theta_star']:.4f}  true max unverified |c| {true_max:.4f}  "
               f"verified effects exact to {verified_err:.1e}")
@@ -117,7 +123,8 @@ def test_bound_refuses_impossible_settings():
     ranking, _ = atp.rank_nodes({k: v.mean(0) for k, v in atp.attribution_patching(
         model, clean, noise, metric, kinds=("z",)).items()})
     cases = [(dict(p=0.0), "strictly between 0 and 1"), (dict(p=1.5), "strictly between 0 and 1"),
-             (dict(K=len(ranking) + 1), "between 0 and the number of nodes given"), (dict(alpha=1.0), "alpha"), (dict(alpha=0.5), "alpha"),
+             (dict(K=len(ranking) + 1), "between 0 and the number of nodes given"),
+             (dict(alpha=1.0), "alpha"), (dict(alpha=0.5), "alpha"),
              (dict(n_samples=3), "too few samples")]
     for kwargs, message in cases:
         args = dict(K=5) | kwargs

@@ -52,68 +52,89 @@ every_api = {
 
 # (what the user did, call, error type, words the message must contain)
 CASES = [
-    *[(f"{name}: metric not row-wise (x - x.mean())", lambda f=f: f(clean=CLEAN, noise=NOISE, metric=not_row_wise),
-       ValueError, "not row-wise") for name, f in every_api.items()],
+    *[(f"{name}: metric not row-wise (x - x.mean())",
+       lambda f=f: f(clean=CLEAN, noise=NOISE, metric=not_row_wise), ValueError, "not row-wise")
+      for name, f in every_api.items()],
     *[(f"{name}: last_position_only metric reads position 0", lambda f=f: f(
         clean=CLEAN, noise=NOISE, metric=reads_position_0_but_says_last), ValueError, "last_position_only")
       for name, f in every_api.items()],
-    ("metric mixing the last two pairs only", lambda: atp.atp_star(MODEL, CLEAN, NOISE, mixes_the_last_two_rows),
+    ("metric mixing the last two pairs only",
+     lambda: atp.atp_star(MODEL, CLEAN, NOISE, mixes_the_last_two_rows),
      ValueError, "not row-wise"),
     ("atp_star kinds=('q', 'q')", lambda: atp.atp_star(MODEL, CLEAN, NOISE, METRIC, kinds=("q", "q")),
      ValueError, "each node kind once"),
-    ("kinds='bogus' (an unknown kind by name)", lambda: atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds="bogus"),
+    ("kinds='bogus' (an unknown kind by name)",
+     lambda: atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds="bogus"),
      ValueError, "unknown: ['bogus']"),
-    ("B = 0", lambda: atp.atp_star(MODEL, CLEAN[:0], NOISE[:0], METRIC), ValueError, "at least one prompt pair"),
+    ("B = 0", lambda: atp.atp_star(MODEL, CLEAN[:0], NOISE[:0], METRIC),
+     ValueError, "at least one prompt pair"),
     ("integer-valued metric", lambda: atp.atp_estimates(MODEL, CLEAN, NOISE, lambda lg: lg[:, -1].argmax(-1)),
      TypeError, "floating-point"),
-    ("metric detached from the logits", lambda: atp.atp_estimates(MODEL, CLEAN, NOISE, lambda lg: METRIC(lg).detach()),
+    ("metric detached from the logits",
+     lambda: atp.atp_estimates(MODEL, CLEAN, NOISE, lambda lg: METRIC(lg).detach()),
      RuntimeError, "does not require grad"),  # torch's own words
     ("float token ids", lambda: atp.atp_star(MODEL, CLEAN.double(), NOISE.double(), METRIC), ValueError,
      "integer tensor"),  # model.py's own check
     ("tokens on another device", lambda: atp.atp_star(MODEL, CLEAN.to("meta"), NOISE.to("meta"), METRIC),
      ValueError, "move them with .to('cpu')"),
-    ("logit_diff: answer id out of the vocabulary", lambda: atp.atp_star(MODEL, CLEAN, NOISE, atp.logit_diff(12, 1)),
+    ("logit_diff: answer id out of the vocabulary",
+     lambda: atp.atp_star(MODEL, CLEAN, NOISE, atp.logit_diff(12, 1)),
      ValueError, "below the vocabulary size 12"),
     ("logit_diff: wrong number of ids", lambda: atp.atp_star(MODEL, CLEAN, NOISE, atp.logit_diff([1, 2], 3)),
      ValueError, "one per prompt pair (3)"),
     ("logit_diff: float ids", lambda: atp.logit_diff(1.5, 2), ValueError, "non-negative integers"),
     ("logit_diff: negative id", lambda: atp.logit_diff(-1, 2), ValueError, "non-negative integers"),
-    ("logit_diff: position past the end", lambda: atp.atp_star(MODEL, CLEAN, NOISE, atp.logit_diff(1, 2, position=5)),
+    ("logit_diff: position past the end",
+     lambda: atp.atp_star(MODEL, CLEAN, NOISE, atp.logit_diff(1, 2, position=5)),
      ValueError, "position 5 is outside the sequence of length 5"),
     ("neg_log_prob: float position", lambda: atp.neg_log_prob(1, position=1.0), TypeError, "position"),
-    ("neg_log_prob: target out of the vocabulary", lambda: atp.activation_patching(MODEL, CLEAN, NOISE, atp.neg_log_prob(99)),
+    ("neg_log_prob: target out of the vocabulary",
+     lambda: atp.activation_patching(MODEL, CLEAN, NOISE, atp.neg_log_prob(99)),
      ValueError, "below the vocabulary size"),
-    ("rank_nodes: a NaN score", lambda: atp.rank_nodes({"q": torch.tensor([[[float("nan"), 1.0]]])}), ValueError, "NaN"),
-    ("rank_nodes: a 0-d tensor", lambda: atp.rank_nodes({"q": torch.tensor(1.0)}), ValueError, "one value per node"),
+    ("rank_nodes: a NaN score", lambda: atp.rank_nodes({"q": torch.tensor([[[float("nan"), 1.0]]])}),
+     ValueError, "NaN"),
+    ("rank_nodes: a 0-d tensor", lambda: atp.rank_nodes({"q": torch.tensor(1.0)}),
+     ValueError, "one value per node"),
     ("rank_nodes: per-pair scores", lambda: atp.rank_nodes(atp.atp_star(MODEL, CLEAN, NOISE, METRIC)),
      ValueError, "s.mean(0)"),
     ("rank_nodes({})", lambda: atp.rank_nodes({}), ValueError, "non-empty dict"),
-    ("verify: (nodes, values) passed whole", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, (RANKING, VALUES), 3),
+    ("verify: (nodes, values) passed whole",
+     lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, (RANKING, VALUES), 3),
      TypeError, "rank_nodes(...)[0]"),
     ("verify: a node twice", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, [RANKING[0], RANKING[0]], 2),
      ValueError, "more than once"),
-    ("verify: layer out of range", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, [("q", 2, 0, 0)], 1), ValueError, "bad node"),
-    ("verify: position out of range", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, [("q", 0, 5, 0)], 1), ValueError, "bad node"),
-    ("verify: head out of range", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, [("z", 0, 0, 2)], 1), ValueError, "bad node"),
-    ("verify: float index", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, [("q", 0, 1.0, 0)], 1), ValueError, "integer indices"),
-    ("verify: mixed node forms", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, [("q", 0, 1, 0), ("q", 0, 1)], 2),
+    ("verify: layer out of range", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, [("q", 2, 0, 0)], 1),
+     ValueError, "bad node"),
+    ("verify: position out of range", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, [("q", 0, 5, 0)], 1),
+     ValueError, "bad node"),
+    ("verify: head out of range", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, [("z", 0, 0, 2)], 1),
+     ValueError, "bad node"),
+    ("verify: float index", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, [("q", 0, 1.0, 0)], 1),
+     ValueError, "integer indices"),
+    ("verify: mixed node forms",
+     lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, [("q", 0, 1, 0), ("q", 0, 1)], 2),
      ValueError, "all of one form"),
-    ("verify: float budget", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, RANKING, 2.0), TypeError, "budget must be an integer"),
+    ("verify: float budget", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, RANKING, 2.0),
+     TypeError, "budget must be an integer"),
     ("verify: budget above the node count", lambda: atp.verify(MODEL, CLEAN, NOISE, METRIC, RANKING[:3], 4),
      ValueError, "budget must be between 0 and the number of nodes given (3)"),
-    ("activation_patching: float chunk_size", lambda: atp.activation_patching(MODEL, CLEAN, NOISE, METRIC, chunk_size=8.0),
+    ("activation_patching: float chunk_size",
+     lambda: atp.activation_patching(MODEL, CLEAN, NOISE, METRIC, chunk_size=8.0),
      TypeError, "chunk_size must be an integer"),
     ("false_negative_bound: K above the node count", lambda: atp.false_negative_bound(
-        MODEL, CLEAN, NOISE, METRIC, RANKING[:5], K=6), ValueError, "K must be between 0 and the number of nodes given (5)"),
+        MODEL, CLEAN, NOISE, METRIC, RANKING[:5], K=6),
+     ValueError, "K must be between 0 and the number of nodes given (5)"),
     ("rank_nodes: per-pair scores of whole-position nodes (B, L, U)", lambda: atp.rank_nodes(
         atp.atp_star(MODEL, CLEAN, NOISE, METRIC, positions="all")), ValueError, "per-pair results"),
-    ("patch_nodes: a position out of range", lambda: atp.patch_nodes(MODEL, CLEAN, NOISE, METRIC, [("z", 0, -1, 0)]),
+    ("patch_nodes: a position out of range",
+     lambda: atp.patch_nodes(MODEL, CLEAN, NOISE, METRIC, [("z", 0, -1, 0)]),
      ValueError, "bad node"),
     ("false_negative_bound: (nodes, values) passed whole", lambda: atp.false_negative_bound(
         MODEL, CLEAN, NOISE, METRIC, (RANKING, VALUES), K=3), TypeError, "rank_nodes(...)[0]"),
     ("atp_estimates_reference: metric not row-wise", lambda: atp.atp_estimates_reference(
         MODEL, CLEAN, NOISE, not_row_wise), ValueError, "not row-wise"),
-    ("model call: hooks as a list", lambda: MODEL(CLEAN, hooks=[lambda t: None]), TypeError, "hooks must be a dict"),
+    ("model call: hooks as a list", lambda: MODEL(CLEAN, hooks=[lambda t: None]),
+     TypeError, "hooks must be a dict"),
     ("model call: a hook that is not callable", lambda: MODEL(CLEAN, hooks={"blocks.0.attn.hook_z": 3}),
      TypeError, "not callable"),
 ]
@@ -140,7 +161,8 @@ def test_kinds_as_a_set_or_one_name_give_the_same_answer_as_a_tuple():
     as_set = atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds={"k", "q"})
     as_tuple = atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds=("q", "k"))
     assert list(as_set) == ["q", "k"]
-    print("  kinds={'k', 'q'} == kinds=('q', 'k'):", all(torch.equal(as_set[k], as_tuple[k]) for k in as_tuple))
+    print("  kinds={'k', 'q'} == kinds=('q', 'k'):",
+          all(torch.equal(as_set[k], as_tuple[k]) for k in as_tuple))
     assert all(torch.equal(as_set[k], as_tuple[k]) for k in as_tuple)
     by_name = atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds="neuron")
     as_one = atp.atp_estimates(MODEL, CLEAN, NOISE, METRIC, kinds=("neuron",))
@@ -169,7 +191,8 @@ def test_no_call_changes_the_callers_tensors_or_the_model_weights():
 def damaged_checkpoint(tmp_path, damage):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=8, vocab_size=12))
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=8, vocab_size=12)
+    hf = transformers.GPT2LMHeadModel(config)
     hf.save_pretrained(tmp_path)
     damage(tmp_path)
     return str(tmp_path)

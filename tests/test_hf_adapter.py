@@ -56,21 +56,23 @@ def small_model(family, seed=0, dtype=torch.float64, **overrides):
     sizes = dict(num_hidden_layers=L, num_attention_heads=H, hidden_size=H * DH, intermediate_size=M,
                  max_position_embeddings=16)
     if family == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=L, n_head=H, n_embd=H * DH, n_inner=M, n_positions=16, bos_token_id=0,
-                                      eos_token_id=0, **common, **overrides)
+        cfg = transformers.GPT2Config(n_layer=L, n_head=H, n_embd=H * DH, n_inner=M, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0, **common, **overrides)
         model = transformers.GPT2LMHeadModel(cfg)
     elif family == "neox":  # Pythia's choices: rotary_pct 0.25, parallel attention and MLP
-        cfg = transformers.GPTNeoXConfig(**sizes, rotary_pct=0.25, use_parallel_residual=True, **common, **overrides)
+        cfg = transformers.GPTNeoXConfig(**sizes, rotary_pct=0.25, use_parallel_residual=True, **common,
+                                         **overrides)
         model = transformers.GPTNeoXForCausalLM(cfg)
     elif family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes, num_key_value_heads=2, **common,
-                                                                       **overrides))
+        cfg = transformers.LlamaConfig(**sizes, num_key_value_heads=2, **common, **overrides)
+        model = transformers.LlamaForCausalLM(cfg)
     elif family == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes, num_key_value_heads=H, **common,
-                                                                       **overrides))
+        cfg = transformers.Qwen2Config(**sizes, num_key_value_heads=H, **common, **overrides)
+        model = transformers.Qwen2ForCausalLM(cfg)
     elif family == "mistral":  # Mistral v0.2 on: no sliding window
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(**sizes, num_key_value_heads=2,
-                                                                           sliding_window=None, **common, **overrides))
+        cfg = transformers.MistralConfig(**sizes, num_key_value_heads=2, sliding_window=None, **common,
+                                         **overrides)
+        model = transformers.MistralForCausalLM(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -123,7 +125,8 @@ def hf_forward(hf, idx, family, kind, layer, fn):
     """HF's own forward with one plain hook fn(tensor) -> tensor or None on a node's module."""
     module, where, _ = hf_slot(hf, family, kind, layer)
     if where == "input":
-        handle = module.register_forward_pre_hook(lambda m, args: None if (out := fn(args[0])) is None else (out,))
+        handle = module.register_forward_pre_hook(
+            lambda m, args: None if (out := fn(args[0])) is None else (out,))
     else:
         handle = module.register_forward_hook(lambda m, args, output: fn(output))
     try:
@@ -165,7 +168,8 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
     model = hf_adapter.adapt(hf)
     clean, _, metric = prompt_pair()
     Hkv = 2 if family in ("llama", "mistral") else H
-    assert (model.config.n_head, model.config.n_kv_head, model.config.d_head, model.config.d_mlp) == (H, Hkv, DH, M)
+    assert (model.config.n_head, model.config.n_kv_head, model.config.d_head,
+            model.config.d_mlp) == (H, Hkv, DH, M)
     D = H * DH
     shapes = {"hook_resid_pre": (B, T, D), "attn.hook_q": (B, T, H, DH), "attn.hook_k": (B, T, Hkv, DH),
               "attn.hook_v": (B, T, Hkv, DH), "attn.hook_attn_scores": (B, H, T, T),
@@ -183,17 +187,20 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
     diff = max_diff(logits, own)
     assert diff <= TOL
     # the neurons and z are what the down and output projections read: the HF modules' inputs themselves
-    neuron_diff = max(max_diff(cache[f"blocks.{l}.mlp.hook_post"], hf_noise_values(hf, family, clean, "neuron", l))
+    neuron_diff = max(max_diff(cache[f"blocks.{l}.mlp.hook_post"],
+                               hf_noise_values(hf, family, clean, "neuron", l))
                       for l in range(L))
-    z_diff = max(max_diff(cache[f"blocks.{l}.attn.hook_z"], hf_slot(hf, family, "z", l)[2](hf_noise_values(hf, family,
-                 clean, "z", l))) for l in range(L))
+    z_diff = max(max_diff(cache[f"blocks.{l}.attn.hook_z"],
+                          hf_slot(hf, family, "z", l)[2](hf_noise_values(hf, family, clean, "z", l)))
+                 for l in range(L))
     assert neuron_diff <= TOL and z_diff <= TOL
     # A reading hook's tensor is the very one consumed: the gradient with respect to the cached neurons
     # equals the gradient with respect to a leaf that a plain hook puts in the down projection's input.
     start = {"blocks.0.hook_resid_pre": lambda t: t.detach().requires_grad_(True)}
     leaf = {}
     down, _, _ = hf_slot(hf, family, "neuron", 1)
-    handle = down.register_forward_pre_hook(lambda m, args: (leaf.setdefault("t", args[0].detach().requires_grad_()),))
+    handle = down.register_forward_pre_hook(
+        lambda m, args: (leaf.setdefault("t", args[0].detach().requires_grad_()),))
     with torch.enable_grad():
         logits, c = atp.run_with_cache(model, clean, ["blocks.1.mlp.hook_post"], hooks=start)
         g_ours, = torch.autograd.grad(metric(logits).sum(), [c["blocks.1.mlp.hook_post"]])
@@ -205,8 +212,8 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
     grad_diff = max_diff(g_ours, g_hf)
     assert g_hf.abs().max() > 1e-3 and grad_diff <= TOL
     assert hf.config._attn_implementation == "sdpa"
-    print(f"\n  {family}: every site has the protocol shape in float64 (k, v: {Hkv} key/value heads); logits equal "
-          f"HF's own forward to {diff:.1e}; neurons and z equal the projections' inputs to "
+    print(f"\n  {family}: every site has the protocol shape in float64 (k, v: {Hkv} key/value heads); "
+          f"logits equal HF's own forward to {diff:.1e}; neurons and z equal the projections' inputs to "
           f"{max(neuron_diff, z_diff):.1e}; "
           f"d metric / d cached neurons equals a plain-hook leaf's to {grad_diff:.1e}")
 
@@ -221,7 +228,8 @@ def test_forward_from_gives_the_full_forwards_logits_at_every_layer_and_start_po
         worst = 0.0
         for layer in range(L + 1):
             for start in range(T):
-                past = [tuple(cache[f"blocks.{l}.{s}"][:, :start] for s in model.resume_sites) for l in range(layer, L)]
+                past = [tuple(cache[f"blocks.{l}.{s}"][:, :start] for s in model.resume_sites)
+                        for l in range(layer, L)]
                 resid = cache[f"blocks.{layer}.hook_resid_pre"] if layer < L else None
                 if resid is None:  # layer = L: only the final norm and the unembedding
                     resid = cache[f"blocks.{L - 1}.hook_resid_post"]
@@ -230,8 +238,8 @@ def test_forward_from_gives_the_full_forwards_logits_at_every_layer_and_start_po
                 last = model.forward_from(layer, resid[:, start:], past=past, last_position_only=True)
                 worst = max(worst, max_diff(suffix, logits[:, start:]), max_diff(last, logits[:, -1:]))
     assert worst <= TOL
-    print(f"\n  {family}: forward_from(layer, positions start..) equals the full forward for every layer and start "
-          f"(max diff {worst:.1e})")
+    print(f"\n  {family}: forward_from(layer, positions start..) equals the full forward for every layer "
+          f"and start (max diff {worst:.1e})")
 
 
 # --- 2. exact patching equals plain hooks on the HF modules
@@ -252,7 +260,8 @@ def test_exact_patching_equals_a_plain_hook_loop_on_the_hf_modules(family):
             units = range(effects[kind].shape[-1]) if kind != "neuron" else range(0, M, 5)
             for pos in (range(T) if kind != "neuron" else (1, 3, T - 1)):
                 for unit in units:
-                    theirs = hf_patch_effect(hf, family, clean, noise, metric, kind, layer, pos, unit, noise_value)
+                    theirs = hf_patch_effect(hf, family, clean, noise, metric, kind, layer, pos, unit,
+                                             noise_value)
                     worst = max(worst, max_diff(effects[kind][:, layer, pos, unit], theirs))
                     count += 1
     top = max(effects[k].abs().max().item() for k in kinds)
@@ -272,7 +281,8 @@ def test_patching_a_query_or_key_before_the_rotary_embedding_equals_patching_it_
     worst, moved = 0.0, 0.0
     with torch.no_grad():
         clean_logits = model(clean)
-        _, noise_sites = atp.run_with_cache(model, noise, [f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in "qk"])
+        _, noise_sites = atp.run_with_cache(model, noise,
+                                            [f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in "qk"])
         for kind in ("q", "k"):
             for layer in range(L):
                 noise_value = hf_noise_values(hf, family, noise, kind, layer)
@@ -294,8 +304,8 @@ def test_patching_a_query_or_key_before_the_rotary_embedding_equals_patching_it_
                         worst = max(worst, max_diff(ours, theirs))
                         moved = max(moved, max_diff(ours, clean_logits))
     assert worst <= TOL and moved > 0.1
-    print(f"\n  {family}: patching q/k after rotary (the adapter) vs before (HF's projections): max logit diff "
-          f"{worst:.1e} (patches move logits by up to {moved:.2f})")
+    print(f"\n  {family}: patching q/k after rotary (the adapter) vs before (HF's projections): "
+          f"max logit diff {worst:.1e} (patches move logits by up to {moved:.2f})")
 
 
 # --- 3. the fast forms equal the reference forms
@@ -306,7 +316,8 @@ def test_fast_forms_equal_reference_forms(family):
     model = hf_adapter.adapt(small_model(family))
     clean, noise, metric = prompt_pair()
     kinds = atp.KINDS
-    rows = {"activation_patching": (atp.activation_patching(model, clean, noise, metric, kinds, progress=False),
+    rows = {"activation_patching": (atp.activation_patching(model, clean, noise, metric, kinds,
+                                                            progress=False),
                                     atp.activation_patching_reference(model, clean, noise, metric, kinds)),
             "atp_estimates": (atp.atp_estimates(model, clean, noise, metric, kinds),
                               atp.atp_estimates_reference(model, clean, noise, metric, kinds))}
@@ -337,8 +348,8 @@ def test_a_gpt2_gives_model_gpt_results_through_the_adapter_for_every_public_fun
 
     def every_function(m):
         out = {"activation_patching": atp.activation_patching(m, clean, noise, metric, progress=False),
-               "activation_patching positions=all": atp.activation_patching(m, clean, noise, metric, positions="all",
-                                                                            progress=False),
+               "activation_patching positions=all":
+                   atp.activation_patching(m, clean, noise, metric, positions="all", progress=False),
                "atp_estimates": atp.atp_estimates(m, clean, noise, metric),
                "atp_estimates qk_fix": atp.atp_estimates(m, clean, noise, metric, qk_fix=True),
                "atp_star": atp.atp_star(m, clean, noise, metric),
@@ -381,7 +392,8 @@ def test_a_key_value_head_of_grouped_query_attention_is_its_query_heads_keys_tog
     heads for 4 query heads) is patching keys (values) of query heads 2g and 2g+1 together in the same
     model without grouping; AtP and the QK fix of a kv head are the sums over its query heads."""
     gqa = small_model("llama")
-    grouped, plain = hf_adapter.adapt(gqa), hf_adapter.adapt(llama_with_one_key_value_head_per_query_head(gqa))
+    grouped, plain = (hf_adapter.adapt(gqa),
+                      hf_adapter.adapt(llama_with_one_key_value_head_per_query_head(gqa)))
     clean, noise, metric = prompt_pair()
     with torch.no_grad():
         logits_diff = max_diff(grouped(clean), plain(clean))
@@ -402,16 +414,17 @@ def test_a_key_value_head_of_grouped_query_attention_is_its_query_heads_keys_tog
         linear = max(linear, max_diff(ours, {k: v.view(B, L, T, 2, 2).sum(-1) for k, v in summed.items()}))
     assert logits_diff <= TOL and exact <= TOL and linear <= TOL
     assert effects["k"].abs().max() > 0.05
-    print(f"\n  llama, 4 query / 2 kv heads vs its ungrouped twin: logits {logits_diff:.1e}; exact patching of a kv "
-          f"head vs its 2 query heads' keys/values together {exact:.1e}; AtP and QK fix vs sums over the group "
-          f"{linear:.1e}")
+    print(f"\n  llama, 4 query / 2 kv heads vs its ungrouped twin: logits {logits_diff:.1e}; "
+          f"exact patching of a kv head vs its 2 query heads' keys/values together {exact:.1e}; "
+          f"AtP and QK fix vs sums over the group {linear:.1e}")
 
 
 # --- 6. refusals, and the user's model left as it was
 
 
 def tiny(cls_name, config_name, **fields):
-    return lambda: getattr(transformers, cls_name)(getattr(transformers, config_name)(vocab_size=VOCAB, **fields))
+    return lambda: getattr(transformers, cls_name)(
+        getattr(transformers, config_name)(vocab_size=VOCAB, **fields))
 
 
 LLAMA_SIZES = dict(hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -424,10 +437,11 @@ REFUSED = {
     "ALiBi (Bloom)": (tiny("BloomForCausalLM", "BloomConfig", hidden_size=32, n_layer=2, n_head=4), "ALiBi"),
     "logit soft-capping (Gemma2)": (tiny("Gemma2ForCausalLM", "Gemma2Config", head_dim=8, **LLAMA_SIZES),
                                     "soft-capping"),
-    "mixture of experts (Mixtral)": (tiny("MixtralForCausalLM", "MixtralConfig", num_local_experts=2, **LLAMA_SIZES),
+    "mixture of experts (Mixtral)": (tiny("MixtralForCausalLM", "MixtralConfig", num_local_experts=2,
+                                          **LLAMA_SIZES),
                                      "mixture-of-experts"),
-    "unknown architecture (OPT)": (tiny("OPTForCausalLM", "OPTConfig", hidden_size=32, ffn_dim=24, num_hidden_layers=2,
-                                        num_attention_heads=4, word_embed_proj_dim=32),
+    "unknown architecture (OPT)": (tiny("OPTForCausalLM", "OPTConfig", hidden_size=32, ffn_dim=24,
+                                        num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32),
                                    "does not know the architecture"),
     "a subclass of a known class": (lambda: type("MyLlama", (transformers.LlamaForCausalLM,), {})(
         transformers.LlamaConfig(vocab_size=VOCAB, **LLAMA_SIZES)), "does not know the architecture MyLlama"),
@@ -501,7 +515,8 @@ def test_the_users_model_is_left_as_it_was_after_adapt_calls_and_failures():
             assert state[field] == reference[field], (when, field)
         assert max_diff(state["weights"], reference["weights"]) == 0.0, when
     assert before["attn"] == "eager" and model.training and hf.training
-    print(f"\n  after {', '.join(states)}: attention implementation still {hf.config._attn_implementation!r}, "
+    print(f"\n  after {', '.join(states)}: attention implementation still "
+          f"{hf.config._attn_implementation!r}, "
           f"every module's mode, no hooks left, weights and their storage unchanged")
 
 
@@ -519,13 +534,15 @@ def test_a_bf16_model_runs_and_its_results_come_back_in_float32():
         effects = atp.activation_patching(model, clean, noise, metric, kinds=("z",), progress=False)
         results[name] = (star, effects)
     star16, effects16 = results["bfloat16"]
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in list(star16.values()) + [effects16["z"]])
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all()
+               for v in list(star16.values()) + [effects16["z"]])
     star64, effects64 = results["float64"]
     rel = max_diff(effects16, effects64) / effects64["z"].abs().max().item()
     rank = torch.corrcoef(torch.stack([star16["z"].flatten().double(), star64["z"].flatten()]))[0, 1].item()
     assert rel < 0.2 and rank > 0.9
-    print(f"\n  bf16 Qwen2: AtP* and exact patching run, results in float32; exact z effects within {rel:.1%} of "
-          f"float64's largest, AtP* z scores correlate {rank:.3f} with float64's")
+    print(f"\n  bf16 Qwen2: AtP* and exact patching run, results in float32; "
+          f"exact z effects within {rel:.1%} of float64's largest, "
+          f"AtP* z scores correlate {rank:.3f} with float64's")
 
 
 def test_a_model_dispatched_by_accelerate_with_a_layer_on_disk_gives_the_same_results(tmp_path):
@@ -538,7 +555,8 @@ def test_a_model_dispatched_by_accelerate_with_a_layer_on_disk_gives_the_same_re
                   "gpt_neox.layers.0": "cpu", "gpt_neox.layers.1": "disk", "gpt_neox.layers.2": "cpu",
                   "gpt_neox.final_layer_norm": "cpu", "lm_head": "cpu"}
     dispatched = transformers.GPTNeoXForCausalLM.from_pretrained(
-        str(tmp_path / "model"), device_map=device_map, dtype=torch.float64, offload_folder=str(tmp_path / "offload"))
+        str(tmp_path / "model"), device_map=device_map, dtype=torch.float64,
+        offload_folder=str(tmp_path / "offload"))
     dispatched.eval()
     assert dispatched.hf_device_map == device_map
     on_disk = dispatched.gpt_neox.layers[1]
@@ -549,8 +567,10 @@ def test_a_model_dispatched_by_accelerate_with_a_layer_on_disk_gives_the_same_re
         model = hf_adapter.adapt(m)
         star = atp.atp_star(model, clean, noise, metric)
         ranking, _ = atp.rank_nodes({k: s.mean(0) for k, s in star.items()})
-        rows[name] = dict(activation_patching=atp.activation_patching(model, clean, noise, metric, progress=False),
-                          atp_star=star, verify=atp.verify(model, clean, noise, metric, ranking, 20, progress=False))
+        rows[name] = dict(activation_patching=atp.activation_patching(model, clean, noise, metric,
+                                                                      progress=False),
+                          atp_star=star,
+                          verify=atp.verify(model, clean, noise, metric, ranking, 20, progress=False))
     for name in rows["plain"]:
         d = max_diff(rows["plain"][name], rows["dispatched"][name])
         print(f"\n  {name:20s} plain vs dispatched (layer 1 on disk): max diff {d:.1e}", end="")

@@ -80,13 +80,17 @@ def test_fast_attribution_equals_its_reference_for_every_variant(random_setting,
     model, clean, noise, metric = random_setting
     for qk in (False, True):
         estimates = {(False, "each"): atp.atp_estimates_reference, (True, "each"): atp.atp_qk_fix_reference,
-                     (False, "all"): whole_position_atp, (True, "all"): whole_position_estimates}[qk, positions]
-        report(f"atp_estimates qk_fix={qk} {positions}", atp.atp_estimates(model, clean, noise, metric, qk_fix=qk,
-               positions=positions), estimates(model, clean, noise, metric))
+                     (False, "all"): whole_position_atp,
+                     (True, "all"): whole_position_estimates}[qk, positions]
+        report(f"atp_estimates qk_fix={qk} {positions}",
+               atp.atp_estimates(model, clean, noise, metric, qk_fix=qk, positions=positions),
+               estimates(model, clean, noise, metric))
         for unit in ("layer", "sublayer"):
             report(f"grad_drop_scores qk_fix={qk} unit={unit} {positions}",
-                   atp.grad_drop_scores(model, clean, noise, metric, qk_fix=qk, positions=positions, unit=unit),
-                   atp.grad_drop_scores_reference(model, clean, noise, metric, unit=unit, estimates=estimates))
+                   atp.grad_drop_scores(model, clean, noise, metric, qk_fix=qk, positions=positions,
+                                        unit=unit),
+                   atp.grad_drop_scores_reference(model, clean, noise, metric, unit=unit,
+                                                  estimates=estimates))
     report(f"atp_star {positions}", atp.atp_star(model, clean, noise, metric, positions=positions),
            atp.atp_star_reference(model, clean, noise, metric) if positions == "each" else
            atp.grad_drop_scores_reference(model, clean, noise, metric, estimates=whole_position_estimates))
@@ -97,7 +101,8 @@ def test_attribution_patching_dispatches_to_the_named_functions(random_setting):
     pairs = {"grad_drop=False": (dict(), atp.atp_estimates(model, clean, noise, metric)),
              "grad_drop=True": (dict(grad_drop=True), atp.grad_drop_scores(model, clean, noise, metric)),
              "grad_drop='sublayer'": (dict(grad_drop="sublayer", qk_fix=True),
-                                      atp.grad_drop_scores(model, clean, noise, metric, qk_fix=True, unit="sublayer"))}
+                                      atp.grad_drop_scores(model, clean, noise, metric, qk_fix=True,
+                                                           unit="sublayer"))}
     for name, (kwargs, want) in pairs.items():
         got = atp.attribution_patching(model, clean, noise, metric, **kwargs)
         print(f"  attribution_patching({name}) vs named function: {max_diff(got, want):.1e}")
@@ -114,7 +119,8 @@ def test_fast_verify_and_subset_sampling_equal_their_references(random_setting):
     report("verify (40 nodes)", effects, ref_effects)
     rest = ranking[40:]
     member, y = atp.subset_sampling(model, clean, noise, metric, rest, p=0.2, n_samples=30, seed=4)
-    ref_member, ref_y = atp.subset_sampling_reference(model, clean, noise, metric, rest, p=0.2, n_samples=30, seed=4)
+    ref_member, ref_y = atp.subset_sampling_reference(model, clean, noise, metric, rest, p=0.2, n_samples=30,
+                                                      seed=4)
     assert torch.equal(member, ref_member)
     report(f"subset_sampling (30 joint patches of {len(rest)} nodes)", y, ref_y)
 
@@ -123,7 +129,8 @@ def test_fast_node_set_patching_equals_one_forward_per_set(random_setting):
     model, clean, noise, metric = random_setting
     nodes = atp.all_nodes(model, "z", clean.shape[1]) + atp.all_nodes(model, "neuron", clean.shape[1])[:60]
     member = atp.draw_subsets(12, len(nodes), 0.3, seed=5)  # (J, N)
-    fast = atp.patch_node_sets(model, clean, noise, metric, atp.node_masks(model, clean.shape[1], nodes, member))
+    masks = atp.node_masks(model, clean.shape[1], nodes, member)
+    fast = atp.patch_node_sets(model, clean, noise, metric, masks)
     sets = [[n for n, m in zip(nodes, row) if m] for row in member]
     report("patch_node_sets (12 random sets of z and neurons)", fast,
            atp.patch_node_sets_reference(model, clean, noise, metric, sets))
@@ -137,17 +144,19 @@ def test_the_sublayer_unit_has_2L_terms_and_divides_by_2L_minus_1(random_setting
     L = model.config.n_layer
     assert len(atp.grad_drop_units(model, "sublayer")) == 2 * L and len(atp.grad_drop_units(model)) == L
     plain = atp.atp_estimates(model, clean, noise, metric, kinds=("neuron",))["neuron"][:, L - 1].abs()
-    sub = atp.grad_drop_scores(model, clean, noise, metric, kinds=("neuron",), unit="sublayer")["neuron"][:, L - 1]
+    sub = atp.grad_drop_scores(model, clean, noise, metric, kinds=("neuron",),
+                               unit="sublayer")["neuron"][:, L - 1]
     rel = ((sub - plain).abs() / plain.clamp(min=1e-300)).max().item()
     print(f"  last-layer neurons, unit=sublayer: max relative |score - |AtP|| = {rel:.1e}")
     assert rel < 1e-12
     # ... and the literal form's term for the node's own unit is exactly 0: drop layer 0's attention write,
     # and every layer-0 attention node gets exactly 0, while layer-0 neurons keep their plain estimate.
-    est = atp.atp_estimates_reference(atp.GradientDropped(model, ["blocks.0.hook_attn_out"]), clean, noise, metric)
+    dropped = atp.GradientDropped(model, ["blocks.0.hook_attn_out"])
+    est = atp.atp_estimates_reference(dropped, clean, noise, metric)
     full = atp.atp_estimates_reference(model, clean, noise, metric)
     inside = max(est[k][:, 0].abs().max().item() for k in ("q", "k", "v", "z"))
-    print(f"  layer-0 attention nodes with their own write dropped: max |estimate| = {inside:.1e}; layer-0 neurons "
-          f"unchanged: {torch.equal(est['neuron'][:, 0], full['neuron'][:, 0])}")
+    print(f"  layer-0 attention nodes with their own write dropped: max |estimate| = {inside:.1e}; "
+          f"layer-0 neurons unchanged: {torch.equal(est['neuron'][:, 0], full['neuron'][:, 0])}")
     assert inside == 0 and torch.equal(est["neuron"][:, 0], full["neuron"][:, 0])
     with pytest.raises(ValueError, match="'layer'"):
         atp.grad_drop_scores(model, clean, noise, metric, unit="head")
@@ -155,7 +164,8 @@ def test_the_sublayer_unit_has_2L_terms_and_divides_by_2L_minus_1(random_setting
 
 def test_fast_forms_equal_references_on_the_trained_toy_model(toy_setting):
     model, clean, noise, metric = toy_setting
-    report("toy: activation_patching, q and k nodes", atp.activation_patching(model, clean, noise, metric, ("q", "k")),
+    report("toy: activation_patching, q and k nodes",
+           atp.activation_patching(model, clean, noise, metric, ("q", "k")),
            atp.activation_patching_reference(model, clean, noise, metric, ("q", "k")))
     report("toy: activation_patching, neurons, positions=all",
            atp.activation_patching(model, clean, noise, metric, ("neuron",), positions="all"),
@@ -190,7 +200,8 @@ def test_a_bare_protocol_model_gives_the_same_numbers_as_model_gpt(random_settin
     bare = BareModel(model)
     assert not hasattr(bare, "forward_from")
     calls = {"activation_patching": lambda m: atp.activation_patching(m, clean, noise, metric),
-             "activation_patching all": lambda m: atp.activation_patching(m, clean, noise, metric, positions="all"),
+             "activation_patching all":
+                 lambda m: atp.activation_patching(m, clean, noise, metric, positions="all"),
              "atp_estimates qk": lambda m: atp.atp_estimates(m, clean, noise, metric, qk_fix=True),
              "atp_star": lambda m: atp.atp_star(m, clean, noise, metric),
              "atp_star sublayer": lambda m: atp.atp_star(m, clean, noise, metric, unit="sublayer")}
@@ -201,7 +212,8 @@ def test_a_bare_protocol_model_gives_the_same_numbers_as_model_gpt(random_settin
     ranking, _ = atp.rank_nodes({k: v.mean(0) for k, v in atp.atp_star(model, clean, noise, metric).items()})
     bound = [atp.false_negative_bound(m, clean, noise, metric, ranking, K=10, n_samples=40, p=0.3)
              for m in (bare, model)]
-    print(f"  false_negative_bound theta*: bare {bound[0]['theta_star']:.12f}, model.GPT {bound[1]['theta_star']:.12f}")
+    print(f"  false_negative_bound theta*: bare {bound[0]['theta_star']:.12f}, "
+          f"model.GPT {bound[1]['theta_star']:.12f}")
     assert abs(bound[0]["theta_star"] - bound[1]["theta_star"]) < TWIN_TOL
 
 

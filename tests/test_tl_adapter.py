@@ -26,8 +26,9 @@ import torch
 tl = pytest.importorskip("transformer_lens", reason="TransformerLens is not installed "
                          "(pip install transformer-lens==3.9.0); the adapter's tests need it")
 if version("transformer-lens").split(".")[0] not in ("2", "3"):
-    pytest.skip(f"HookedTransformer tests need transformer-lens 2.x or 3.x (4.0 removed HookedTransformer), found "
-                f"{version('transformer-lens')} (tests/test_tl_adapter_bridge.py covers TransformerBridge)",
+    pytest.skip(f"HookedTransformer tests need transformer-lens 2.x or 3.x (4.0 removed HookedTransformer), "
+                f"found {version('transformer-lens')} "
+                f"(tests/test_tl_adapter_bridge.py covers TransformerBridge)",
                 allow_module_level=True)
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens import patching as tl_patching  # noqa: E402
@@ -133,7 +134,8 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
     _, native = tl_run(model, clean, [tl_qk_site(model, k, l) for k in ("q", "k") for l in range(L)])
     diff = max(max_diff(cache[f"blocks.{l}.attn.hook_{k}"], native[tl_qk_site(model, k, l)])
                for k in ("q", "k") for l in range(L))
-    assert diff == 0.0, "our q/k must be TransformerLens's " + ("hook_rot_q/k" if style == "pythia" else "hook_q/k")
+    assert diff == 0.0, "our q/k must be TransformerLens's " + (
+        "hook_rot_q/k" if style == "pythia" else "hook_q/k")
     # A reading hook's tensor is the very one consumed: the gradient with respect to the cached q equals
     # the gradient with respect to a leaf that TransformerLens's own hook puts in q's place.
     start = {"blocks.0.hook_resid_pre": lambda t: t.detach().requires_grad_(True)}
@@ -159,21 +161,26 @@ def gpt_and_hooked_twin(seed=0):
     own GPT-2 converter (model.GPT's modules carry Hugging Face's names), with no weight processing."""
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
     torch.manual_seed(seed)
-    gpt = GPT(GPTConfig(n_layer=L, n_head=4, n_embd=32, n_positions=16, vocab_size=VOCAB, n_inner=48)).double()
+    gpt = GPT(GPTConfig(n_layer=L, n_head=4, n_embd=32, n_positions=16, vocab_size=VOCAB,
+                        n_inner=48)).double()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in gpt.named_parameters():
-            scale = 0.8 if "c_attn.weight" in name else 0.3 if name.endswith("weight") and p.dim() == 2 else 0.1
+            scale = (0.8 if "c_attn.weight" in name
+                     else 0.3 if name.endswith("weight") and p.dim() == 2 else 0.1)
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    cfg = HookedTransformerConfig(n_layers=L, d_model=32, n_heads=4, d_head=8, d_mlp=48, n_ctx=16, d_vocab=VOCAB,
-                                  act_fn="gelu_new", normalization_type="LN", eps=1e-5, dtype=torch.float64)
+    cfg = HookedTransformerConfig(n_layers=L, d_model=32, n_heads=4, d_head=8, d_mlp=48, n_ctx=16,
+                                  d_vocab=VOCAB, act_fn="gelu_new", normalization_type="LN", eps=1e-5,
+                                  dtype=torch.float64)
     twin = HookedTransformer(cfg)
-    hf_view = types.SimpleNamespace(transformer=gpt.transformer, lm_head=gpt.transformer.wte)  # tied unembedding
+    # tied unembedding
+    hf_view = types.SimpleNamespace(transformer=gpt.transformer, lm_head=gpt.transformer.wte)
     # load_state_dict, not load_and_process_state_dict: TransformerLens 3.9 processes weights in
     # float32 even with every processing step off, which would round float64 weights.
     missing, unexpected = twin.load_state_dict(convert_gpt2_weights(hf_view, cfg), strict=False)
     # Left out: attention buffers, and the unembedding bias GPT-2 does not have (initialised to zero).
-    assert not unexpected and all(k.endswith(("IGNORE", "mask", "b_U")) for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.endswith(("IGNORE", "mask", "b_U"))
+                                  for k in missing), (missing, unexpected)
     assert not twin.unembed.b_U.any()
     return gpt, twin.eval()
 
@@ -185,8 +192,8 @@ def every_public_function(model, clean, noise, metric):
         out[f"activation_patching {positions}"] = atp.activation_patching(model, clean, noise, metric,
                                                                           positions=positions, progress=False)
         for qk_fix in (False, True):
-            out[f"atp_estimates qk_fix={qk_fix} {positions}"] = atp.atp_estimates(model, clean, noise, metric,
-                                                                                 qk_fix=qk_fix, positions=positions)
+            out[f"atp_estimates qk_fix={qk_fix} {positions}"] = atp.atp_estimates(
+                model, clean, noise, metric, qk_fix=qk_fix, positions=positions)
             for unit in ("layer", "sublayer"):
                 out[f"grad_drop_scores qk_fix={qk_fix} {unit} {positions}"] = atp.grad_drop_scores(
                     model, clean, noise, metric, qk_fix=qk_fix, positions=positions, unit=unit)
@@ -202,9 +209,12 @@ def every_public_function(model, clean, noise, metric):
     out["patch_nodes"] = atp.patch_nodes(model, clean, noise, metric, ranking[:5])
     out["verify"] = atp.verify(model, clean, noise, metric, ranking, 12, progress=False)
     out["verify_reference"] = atp.verify_reference(model, clean, noise, metric, ranking, 12)
-    out["subset_sampling"] = atp.subset_sampling(model, clean, noise, metric, ranking[:40], 0.3, 8, progress=False)
-    out["subset_sampling_reference"] = atp.subset_sampling_reference(model, clean, noise, metric, ranking[:40], 0.3, 8)
-    bound = atp.false_negative_bound(model, clean, noise, metric, ranking, K=20, p=0.3, n_samples=40, progress=False)
+    out["subset_sampling"] = atp.subset_sampling(model, clean, noise, metric, ranking[:40], 0.3, 8,
+                                                 progress=False)
+    out["subset_sampling_reference"] = atp.subset_sampling_reference(model, clean, noise, metric,
+                                                                     ranking[:40], 0.3, 8)
+    bound = atp.false_negative_bound(model, clean, noise, metric, ranking, K=20, p=0.3, n_samples=40,
+                                     progress=False)
     out["false_negative_bound"] = {k: bound[k] for k in ("verified", "verified_effects", "theta_star",
                                                          "worst_node", "c_ss", "se", "df")}
     return out
@@ -216,8 +226,8 @@ def test_a_hooked_transformer_with_gpt_weights_gives_model_gpt_results_for_every
     with torch.no_grad():
         logits_diff = max_diff(gpt(clean), twin(clean))
     assert logits_diff <= TOL
-    ours, theirs = every_public_function(gpt, clean, noise, metric), every_public_function(tl_adapter.adapt(twin),
-                                                                                         clean, noise, metric)
+    ours = every_public_function(gpt, clean, noise, metric)
+    theirs = every_public_function(tl_adapter.adapt(twin), clean, noise, metric)
     print(f"\n  logits: max diff {logits_diff:.1e}")
     worst = 0.0
     for name in ours:
@@ -227,7 +237,8 @@ def test_a_hooked_transformer_with_gpt_weights_gives_model_gpt_results_for_every
         assert d <= TOL, name
     top = ours["atp_star"]["k"].abs().max().item()
     assert top > 0.05, "the comparison must not be between near-zero scores"
-    print(f"  worst over every public function {worst:.1e} (tolerance {TOL:.0e}; largest AtP* key score {top:.2f})")
+    print(f"  worst over every public function {worst:.1e} "
+          f"(tolerance {TOL:.0e}; largest AtP* key score {top:.2f})")
 
 
 # --- 3. exact patching equals TransformerLens's own patching
@@ -249,8 +260,10 @@ def test_exact_patching_equals_transformer_lens_patching(style, monkeypatch):
     _, noise_cache = model.run_with_cache(noise)
     with torch.no_grad():
         base = scalar(model(clean)).item()
-    helpers = {"q": tl_patching.get_act_patch_attn_head_q_by_pos, "k": tl_patching.get_act_patch_attn_head_k_by_pos,
-               "v": tl_patching.get_act_patch_attn_head_v_by_pos, "z": tl_patching.get_act_patch_attn_head_out_by_pos}
+    helpers = {"q": tl_patching.get_act_patch_attn_head_q_by_pos,
+               "k": tl_patching.get_act_patch_attn_head_k_by_pos,
+               "v": tl_patching.get_act_patch_attn_head_v_by_pos,
+               "z": tl_patching.get_act_patch_attn_head_out_by_pos}
     theirs = {}
     with default_dtype(torch.float64), torch.no_grad():
         for kind, helper in helpers.items():
@@ -264,13 +277,15 @@ def test_exact_patching_equals_transformer_lens_patching(style, monkeypatch):
                         act = act.clone()
                         act[:, t, m] = noise_cache[name][:, t, m]
                         return act
-                    neurons[l, t, m] = scalar(model.run_with_hooks(clean, fwd_hooks=[(name, patch)])).item() - base
+                    patched = scalar(model.run_with_hooks(clean, fwd_hooks=[(name, patch)])).item()
+                    neurons[l, t, m] = patched - base
         theirs["neuron"] = neurons
     print()
     for kind in KINDS:
         mine = (weights.view(B, 1, 1, 1) * ours[kind]).sum(0)  # (L, T, U)
         d = max_diff(mine, theirs[kind])
-        print(f"  {style} {kind:6s}: max |effect| {theirs[kind].abs().max():.3f}, max diff vs TransformerLens {d:.1e}")
+        print(f"  {style} {kind:6s}: max |effect| {theirs[kind].abs().max():.3f}, "
+              f"max diff vs TransformerLens {d:.1e}")
         assert theirs[kind].abs().max() > 0.05 and d <= TOL, kind
 
 
@@ -313,7 +328,8 @@ def test_patching_a_query_or_key_before_or_after_rotary_is_the_same_intervention
 # --- 4. AtP, the QK fix, GradDrop and AtP* equal their reference forms
 
 
-SCALES = {"default": {}, "own scale": dict(attn_scale=3.0), "per-layer scale": dict(scale_attn_by_inverse_layer_idx=True)}
+SCALES = {"default": {}, "own scale": dict(attn_scale=3.0),
+          "per-layer scale": dict(scale_attn_by_inverse_layer_idx=True)}
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -324,7 +340,8 @@ def test_adapted_q_k_and_attention_scale_reproduce_transformer_lens_attention_pa
     model = small_model(style, **SCALES[scale])
     adapted = tl_adapter.adapt(model)
     clean, _, _ = prompt_pair()
-    _, ours = atp.run_with_cache(adapted, clean, [f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in "qk"])
+    _, ours = atp.run_with_cache(adapted, clean,
+                                 [f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in "qk"])
     _, theirs = model.run_with_cache(clean)
     worst, saturated = 0.0, 0.0
     for l in range(L):
@@ -348,7 +365,8 @@ def test_fast_forms_equal_the_reference_forms_on_adapted_models(style):
     print()
     for name, (fast, ref) in cases.items():
         d = max_diff(fast, ref)
-        size = max(v.abs().max().item() for v in ref.values()) if isinstance(ref, dict) else ref.abs().max().item()
+        size = (max(v.abs().max().item() for v in ref.values()) if isinstance(ref, dict)
+                else ref.abs().max().item())
         print(f"  {style} {name:22s}: largest value {size:6.3f}, max |fast - reference| {d:.1e}")
         assert size > 0.05 and d <= TOL, name
     # Not vacuous: the heads saturate enough that the QK fix moves the query and key estimates.
@@ -374,7 +392,8 @@ def test_forward_from_with_cached_keys_and_values_equals_the_full_forward(style)
         worst = 0.0
         for layer in range(L):
             for P in (0, 2, T - 1):
-                past = None if P == 0 else [tuple(cache[f"blocks.{l}.{s}"][:, :P] for s in adapted.resume_sites)
+                past = None if P == 0 else [tuple(cache[f"blocks.{l}.{s}"][:, :P]
+                                                  for s in adapted.resume_sites)
                                             for l in range(layer, L)]
                 resid = cache[f"blocks.{layer}.hook_resid_pre"][:, P:]
                 worst = max(worst, max_diff(adapted.forward_from(layer, resid, None, past), full[:, P:]),

@@ -66,7 +66,8 @@ def hf_config(family, **overrides):
         cls = transformers.GPT2Config
     elif family == "pythia":  # Pythia's choices: rotary on 25% of each head, parallel attention and MLP
         fields = dict(num_hidden_layers=L, num_attention_heads=H, hidden_size=D, intermediate_size=M,
-                      vocab_size=VOCAB, max_position_embeddings=16, rotary_pct=0.25, use_parallel_residual=True)
+                      vocab_size=VOCAB, max_position_embeddings=16, rotary_pct=0.25,
+                      use_parallel_residual=True)
         cls = transformers.GPTNeoXConfig
     elif family == "llama":
         fields = dict(num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=G, hidden_size=D,
@@ -101,8 +102,8 @@ def small_hf_model(family, seed=0, **overrides):
 
 def boot(hf_model, compat=False):
     """A float64 TransformerBridge of a copy of hf_model (the bridge replaces submodules in place)."""
-    bridge = TransformerBridge.boot_transformers("local-model", hf_model=copy.deepcopy(hf_model), device="cpu",
-                                                 dtype=torch.float64, tokenizer=tokenizer())
+    bridge = TransformerBridge.boot_transformers("local-model", hf_model=copy.deepcopy(hf_model),
+                                                 device="cpu", dtype=torch.float64, tokenizer=tokenizer())
     if compat:
         bridge.enable_compatibility_mode(disable_warnings=True)
     return bridge.eval()
@@ -165,7 +166,8 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
     adapted = tl_adapter.adapt(bridge)
     clean, _, metric = prompt_pair()
     Gk = KV_HEADS[family]
-    assert adapted.config.n_kv_head == Gk and atp.n_units(adapted, "k") == Gk and atp.n_units(adapted, "q") == H
+    assert (adapted.config.n_kv_head == Gk and atp.n_units(adapted, "k") == Gk
+            and atp.n_units(adapted, "q") == H)
     shapes = {"hook_resid_pre": (B, T, D), "attn.hook_q": (B, T, H, DH), "attn.hook_k": (B, T, Gk, DH),
               "attn.hook_v": (B, T, Gk, DH), "attn.hook_z": (B, T, H, DH), "attn.hook_pattern": (B, H, T, T),
               "mlp.hook_post": (B, T, M), "hook_attn_out": (B, T, D), "hook_mlp_out": (B, T, D),
@@ -180,7 +182,8 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
     # q and k: the bridge's own post-rotary hooks (Llama), its q and k (GPT-2), or on GPT-NeoX its
     # pre-rotary q and k rotated here by Hugging Face's apply_rotary_pos_emb with the bridge's cos and sin.
     native = [tl_site(family, x, l) for x in "qk" for l in range(L)]
-    angles = [f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in ("cos", "sin")] if family == "pythia" else []
+    angles = ([f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in ("cos", "sin")]
+              if family == "pythia" else [])
     _, tl_cache = tl_run(bridge, clean, native + angles)
     diffs = []
     for l in range(L):
@@ -212,9 +215,10 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
             g_ours, = torch.autograd.grad(rotated, [x], grad_outputs=g_ours)
     grad_diff = max_diff(g_ours, g_tl)
     assert g_tl.abs().max() > 1e-3 and grad_diff <= TOL
-    print(f"\n  {family}: every site has the protocol shape in float64 (k, v: {Gk} key-value heads); q/k equal "
-          f"the bridge's rotated q/k (max diff {diffs[0]:.1e} in layer 0, {max(diffs):.1e} in all); d metric / "
-          f"d cached q matches a bridge leaf to {grad_diff:.1e}")
+    print(f"\n  {family}: every site has the protocol shape in float64 (k, v: {Gk} key-value heads); "
+          f"q/k equal the bridge's rotated q/k "
+          f"(max diff {diffs[0]:.1e} in layer 0, {max(diffs):.1e} in all); "
+          f"d metric / d cached q matches a bridge leaf to {grad_diff:.1e}")
 
 
 @pytest.mark.parametrize("compat", (False, True), ids=("plain", "compatibility mode"))
@@ -226,7 +230,8 @@ def test_adapted_q_k_and_attention_scale_reproduce_the_bridges_attention_pattern
     bridge = small_bridge(family, compat)
     adapted = tl_adapter.adapt(bridge)
     clean, _, _ = prompt_pair()
-    _, ours = atp.run_with_cache(adapted, clean, [f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in "qk"])
+    _, ours = atp.run_with_cache(adapted, clean,
+                                 [f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in "qk"])
     _, theirs = tl_run(bridge, clean, [f"blocks.{l}.attn.hook_pattern" for l in range(L)])
     worst, saturated = 0.0, 0.0
     for l in range(L):
@@ -235,8 +240,9 @@ def test_adapted_q_k_and_attention_scale_reproduce_the_bridges_attention_pattern
         worst = max(worst, max_diff(a, theirs[f"blocks.{l}.attn.hook_pattern"]))
         saturated = max(saturated, a[:, :, 2:].max().item())
     tol = 1e-6 if family == "llama" else 1e-12
-    print(f"\n  {family}{', compatibility mode' if compat else ''}: recomputed pattern vs the bridge's: max diff "
-          f"{worst:.1e} (tolerance {tol:.0e}; largest probability beyond position 1: {saturated:.4f})")
+    print(f"\n  {family}{', compatibility mode' if compat else ''}: recomputed pattern vs the bridge's: "
+          f"max diff {worst:.1e} (tolerance {tol:.0e}; "
+          f"largest probability beyond position 1: {saturated:.4f})")
     assert worst <= tol and saturated > 0.99
 
 
@@ -306,7 +312,8 @@ def test_atp_equals_transformer_lens_attribution_patch(family, compat):
     bridge = small_bridge(family, compat)
     clean, noise, metric = prompt_pair(per_pair=False)  # TL's metric sees one pair at a time
     ours = atp.atp_estimates(tl_adapter.adapt(bridge), clean, noise, metric, kinds=("z", "neuron"))
-    theirs = attribution_patch(bridge, clean=noise, corrupt=clean, metric_fn=lambda logits: metric(logits).sum())
+    theirs = attribution_patch(bridge, clean=noise, corrupt=clean,
+                               metric_fn=lambda logits: metric(logits).sum())
     z, neurons = ours["z"].mean(0), ours["neuron"].sum(-1).mean(0)  # (L, T, H), (L, T)
     worst, size, count = 0.0, 0.0, 0
     for node, score in theirs.node_scores.items():
@@ -317,8 +324,8 @@ def test_atp_equals_transformer_lens_attribution_patch(family, compat):
         else:  # the embedding: no node of ours
             continue
         worst, size, count = max(worst, abs(mine - score)), max(size, abs(score)), count + 1
-    print(f"\n  {family}{', compatibility mode' if compat else ''}: {count} nodes, largest |estimate| {size:.3f}, "
-          f"max diff vs attribution_patch {worst:.1e}")
+    print(f"\n  {family}{', compatibility mode' if compat else ''}: {count} nodes, "
+          f"largest |estimate| {size:.3f}, max diff vs attribution_patch {worst:.1e}")
     assert count == L * T * (H + 1) and size > 0.05 and worst <= 1e-12
 
 
@@ -360,13 +367,15 @@ def test_compatibility_mode_moves_the_residual_stream_but_not_effects_on_a_logit
     plain, processed = tl_adapter.adapt(boot(hf)), tl_adapter.adapt(boot(hf, compat=True))
     clean, noise, metric = prompt_pair()
     resid = [f"blocks.{l}.hook_resid_post" for l in range(L)]
-    moved = max_diff(atp.run_with_cache(plain, clean, resid)[1], atp.run_with_cache(processed, clean, resid)[1])
+    moved = max_diff(atp.run_with_cache(plain, clean, resid)[1],
+                     atp.run_with_cache(processed, clean, resid)[1])
     exact = atp.activation_patching(plain, clean, noise, metric, progress=False)
     d_exact = max_diff(exact, atp.activation_patching(processed, clean, noise, metric, progress=False))
     star = atp.atp_star(plain, clean, noise, metric)
     d_star = max_diff(star, atp.atp_star(processed, clean, noise, metric))
-    print(f"\n  compatibility mode: residual stream moves by {moved:.1e}; exact effects (up to {largest(exact):.2f}) "
-          f"by {d_exact:.1e}, AtP* scores (up to {largest(star):.2f}) by {d_star:.1e}")
+    print(f"\n  compatibility mode: residual stream moves by {moved:.1e}; "
+          f"exact effects (up to {largest(exact):.2f}) by {d_exact:.1e}, "
+          f"AtP* scores (up to {largest(star):.2f}) by {d_star:.1e}")
     assert moved > 1e-1 and d_exact <= 1e-4 * largest(exact) and d_star <= 1e-4 * largest(star)
 
 
@@ -385,7 +394,8 @@ def test_forward_from_on_pythia_with_cached_keys_and_values_equals_the_full_forw
         worst = 0.0
         for layer in range(L):
             for P in (0, 2, T - 1):
-                past = None if P == 0 else [tuple(cache[f"blocks.{l}.{s}"][:, :P] for s in adapted.resume_sites)
+                past = None if P == 0 else [tuple(cache[f"blocks.{l}.{s}"][:, :P]
+                                                  for s in adapted.resume_sites)
                                             for l in range(layer, L)]
                 resid = cache[f"blocks.{layer}.hook_resid_pre"][:, P:]
                 worst = max(worst, max_diff(adapted.forward_from(layer, resid, None, past), full[:, P:]),
@@ -417,10 +427,13 @@ def test_gpt2_and_llama_bridges_ignore_a_key_value_cache_so_their_adapters_have_
 REFUSED = {
     "sliding window (Qwen2)": (lambda: small_bridge("qwen2", use_sliding_window=True, sliding_window=2,
                                                     max_window_layers=0), "sliding"),
-    "GPT-2 without score scaling": (lambda: small_bridge("gpt2", scale_attn_weights=False), "scale_attn_weights"),
-    "GPT-2 scores upcast": (lambda: small_bridge("gpt2", reorder_and_upcast_attn=True), "reorder_and_upcast_attn"),
+    "GPT-2 without score scaling": (lambda: small_bridge("gpt2", scale_attn_weights=False),
+                                    "scale_attn_weights"),
+    "GPT-2 scores upcast": (lambda: small_bridge("gpt2", reorder_and_upcast_attn=True),
+                            "reorder_and_upcast_attn"),
     "per-head results": (lambda: switched(small_bridge("gpt2"), "set_use_attn_result"), "use_attn_result"),
-    "split q/k/v input": (lambda: switched(small_bridge("llama"), "set_use_split_qkv_input"), "use_split_qkv_input"),
+    "split q/k/v input": (lambda: switched(small_bridge("llama"), "set_use_split_qkv_input"),
+                          "use_split_qkv_input"),
     "score soft cap": (lambda: with_hf_field(small_bridge("llama"), "attn_logit_softcapping", 50.0),
                        "attn_logit_softcapping"),
     "another architecture (OPT)": (lambda: boot(transformers.OPTForCausalLM(transformers.OPTConfig(
@@ -451,8 +464,10 @@ def test_qwen2_with_full_attention_is_handled_like_llama():
     """Qwen2: Llama's layout with q/k/v biases; grouped-query attention, the probe's identities hold."""
     adapted = tl_adapter.adapt(small_bridge("qwen2"))
     clean, noise, metric = prompt_pair()
-    d = max_diff(atp.atp_star(adapted, clean, noise, metric), atp.atp_star_reference(adapted, clean, noise, metric))
-    print(f"\n  qwen2: {adapted.family} family, n_kv_head {adapted.config.n_kv_head}; AtP* fast vs reference {d:.1e}")
+    d = max_diff(atp.atp_star(adapted, clean, noise, metric),
+                 atp.atp_star_reference(adapted, clean, noise, metric))
+    print(f"\n  qwen2: {adapted.family} family, n_kv_head {adapted.config.n_kv_head}; "
+          f"AtP* fast vs reference {d:.1e}")
     assert adapted.family == "llama" and adapted.config.n_kv_head == G and d <= TOL
 
 
