@@ -73,3 +73,23 @@ def fast_and_reference(model, clean, noise, metric, nodes, exact_kinds=None):
                                                 progress=False)[1],
                             atp.subset_sampling_reference(model, clean, noise, metric, nodes, 0.3, 10)[1]),
     }
+
+
+def resumed_vs_full(model, clean, splits):
+    """How far model.forward_from(layer, the clean residual stream of positions P.., the cached resume sites
+    of positions :P) is from the full forward's logits (from P on, and the last position alone), the
+    largest over every layer and every P in splits; and the full logits (B, T, V)."""
+    import atp_minimal as atp
+    L = model.config.n_layer
+    names = [f"blocks.{l}.{s}" for l in range(L) for s in ("hook_resid_pre",) + tuple(model.resume_sites)]
+    worst = 0.0
+    with torch.no_grad():
+        full, cache = atp.run_with_cache(model, clean, names)
+        for layer in range(L):
+            for P in splits:
+                past = None if P == 0 else [tuple(cache[f"blocks.{l}.{s}"][:, :P] for s in model.resume_sites)
+                                            for l in range(layer, L)]
+                resid = cache[f"blocks.{layer}.hook_resid_pre"][:, P:]
+                worst = max(worst, max_diff(model.forward_from(layer, resid, None, past), full[:, P:]),
+                            max_diff(model.forward_from(layer, resid, None, past, True), full[:, -1:]))
+    return worst, full

@@ -35,7 +35,7 @@ from transformer_lens import patching as tl_patching  # noqa: E402
 
 import atp_minimal as atp  # noqa: E402
 import tl_adapter  # noqa: E402
-from helpers import fast_and_reference, max_diff  # noqa: E402
+from helpers import fast_and_reference, max_diff, resumed_vs_full  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 TOL = 1e-10  # float64: every comparison is a different order of the same float64 operations
@@ -383,21 +383,9 @@ def test_forward_from_with_cached_keys_and_values_equals_the_full_forward(style)
     """forward_from (TL's start_at_layer + key-value cache) on the clean residual stream of positions
     P.. with the cached values of positions :P gives the full forward's logits, also for the last
     position alone (our own unembedding tail)."""
-    model = small_model(style)
-    adapted = tl_adapter.adapt(model)
+    adapted = tl_adapter.adapt(small_model(style))
     clean, _, _ = prompt_pair()
-    names = [f"blocks.{l}.{s}" for l in range(L) for s in ("hook_resid_pre",) + adapted.resume_sites]
-    with torch.no_grad():
-        full, cache = atp.run_with_cache(adapted, clean, names)
-        worst = 0.0
-        for layer in range(L):
-            for P in (0, 2, T - 1):
-                past = None if P == 0 else [tuple(cache[f"blocks.{l}.{s}"][:, :P]
-                                                  for s in adapted.resume_sites)
-                                            for l in range(layer, L)]
-                resid = cache[f"blocks.{layer}.hook_resid_pre"][:, P:]
-                worst = max(worst, max_diff(adapted.forward_from(layer, resid, None, past), full[:, P:]),
-                            max_diff(adapted.forward_from(layer, resid, None, past, True), full[:, -1:]))
+    worst, _ = resumed_vs_full(adapted, clean, (0, 2, T - 1))
     print(f"\n  {style}: resumed runs vs the full forward, every layer and split: max diff {worst:.1e}")
     assert worst <= TOL
 

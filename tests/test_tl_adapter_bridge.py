@@ -40,7 +40,7 @@ from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb 
 
 import atp_minimal as atp  # noqa: E402
 import tl_adapter  # noqa: E402
-from helpers import fast_and_reference, max_diff  # noqa: E402
+from helpers import fast_and_reference, max_diff, resumed_vs_full  # noqa: E402
 
 TOL = 1e-10  # float64: a different order of the same float64 operations
 FAMILIES = ("gpt2", "pythia", "llama")
@@ -388,18 +388,7 @@ def test_forward_from_on_pythia_with_cached_keys_and_values_equals_the_full_forw
     the full forward's logits, for every layer and split, also for the last position alone."""
     adapted = tl_adapter.adapt(small_bridge("pythia"))
     clean, _, _ = prompt_pair()
-    names = [f"blocks.{l}.{s}" for l in range(L) for s in ("hook_resid_pre",) + adapted.resume_sites]
-    with torch.no_grad():
-        full, cache = atp.run_with_cache(adapted, clean, names)
-        worst = 0.0
-        for layer in range(L):
-            for P in (0, 2, T - 1):
-                past = None if P == 0 else [tuple(cache[f"blocks.{l}.{s}"][:, :P]
-                                                  for s in adapted.resume_sites)
-                                            for l in range(layer, L)]
-                resid = cache[f"blocks.{layer}.hook_resid_pre"][:, P:]
-                worst = max(worst, max_diff(adapted.forward_from(layer, resid, None, past), full[:, P:]),
-                            max_diff(adapted.forward_from(layer, resid, None, past, True), full[:, -1:]))
+    worst, full = resumed_vs_full(adapted, clean, (0, 2, T - 1))
     print(f"\n  pythia: resumed runs vs the full forward, every layer and split: max diff {worst:.1e} "
           f"(logits up to {largest(full):.1f})")
     assert worst <= TOL and atp.resume_position(adapted, 3) == 3
