@@ -4,8 +4,6 @@ pairs, the true top nodes side by side, then verify-then-bound.
 
     python demo.py                      # the shipped toy IOI model (toy_model/), a few seconds on one core
     python demo.py --model DIR          # a Hugging Face GPT-2 directory (config.json + weights)
-
-`python atp_minimal.py` runs the same.
 """
 
 import torch

@@ -1,5 +1,4 @@
-"""The worked example, `python demo.py` (or `python atp_minimal.py`), on the toy model and on a Hugging Face
-GPT-2 directory."""
+"""The worked example, `python demo.py`, on the toy model and on a Hugging Face GPT-2 directory."""
 
 import pytest
 import torch
