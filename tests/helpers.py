@@ -93,3 +93,36 @@ def resumed_vs_full(model, clean, splits):
                 worst = max(worst, max_diff(model.forward_from(layer, resid, None, past), full[:, P:]),
                             max_diff(model.forward_from(layer, resid, None, past, True), full[:, -1:]))
     return worst, full
+
+
+def prompt_pair(B, T, vocab, seed=1, per_pair=True):
+    """B clean/noise pairs of length T that differ at positions 1 and 3, and a logit-difference metric
+    (answer and wrong tokens per pair, or the same for every pair). The adapters' tests share it."""
+    import atp_minimal as atp
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab, (B, T), generator=g)
+    noise = clean.clone()
+    noise[:, 1] = (clean[:, 1] + 11) % vocab
+    noise[:, 3] = (clean[:, 3] + 23) % vocab
+    ids = (torch.tensor([3, 4]), torch.tensor([5, 6])) if per_pair else (3, 5)
+    return clean, noise, atp.logit_diff(*ids)
+
+
+def protocol_site_cache(model, clean, H, Hkv, Dh, M, D):
+    """Run the model and check every protocol site of every layer: the shape the protocol gives it, float64,
+    and resid_pre of block l+1 the very tensor resid_post of block l is (GradDrop's fast form needs that).
+    Returns {site name: tensor}."""
+    import atp_minimal as atp
+    B, T, L = clean.shape[0], clean.shape[1], model.config.n_layer
+    shapes = {"hook_resid_pre": (B, T, D), "attn.hook_q": (B, T, H, Dh), "attn.hook_k": (B, T, Hkv, Dh),
+              "attn.hook_v": (B, T, Hkv, Dh), "attn.hook_z": (B, T, H, Dh), "attn.hook_pattern": (B, H, T, T),
+              "mlp.hook_post": (B, T, M), "hook_attn_out": (B, T, D), "hook_mlp_out": (B, T, D),
+              "hook_resid_post": (B, T, D)}
+    names = [f"blocks.{l}.{s}" for l in range(L) for s in shapes]
+    _, cache = atp.run_with_cache(model, clean, names)
+    for name in names:
+        assert tuple(cache[name].shape) == shapes[name.split(".", 2)[2]], name
+        assert cache[name].dtype == torch.float64
+    for l in range(L - 1):
+        assert cache[f"blocks.{l + 1}.hook_resid_pre"] is cache[f"blocks.{l}.hook_resid_post"]
+    return cache

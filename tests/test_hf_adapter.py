@@ -33,7 +33,7 @@ transformers = pytest.importorskip("transformers", reason="hf_adapter's tests ne
 import atp_minimal as atp  # noqa: E402
 import hf_adapter  # noqa: E402
 from model import GPT  # noqa: E402
-from helpers import max_diff  # noqa: E402
+from helpers import max_diff, prompt_pair  # noqa: E402
 
 try:
     hf_adapter.check_version()
@@ -79,16 +79,6 @@ def small_model(family, seed=0, dtype=torch.float64, **overrides):
             if p.dim() == 1:  # biases, LayerNorm and RMSNorm weights
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
     return model.to(dtype).eval()
-
-
-def prompt_pair(seed=1):
-    """B clean/noise pairs of length T that differ at two positions, and a logit-difference metric."""
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, VOCAB, (B, T), generator=g)
-    noise = clean.clone()
-    noise[:, 1] = (clean[:, 1] + 11) % VOCAB
-    noise[:, 3] = (clean[:, 3] + 23) % VOCAB
-    return clean, noise, atp.logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]))
 
 
 # --- the HF modules' own view: plain PyTorch hooks, no adapter
@@ -166,7 +156,7 @@ def hf_noise_values(hf, family, idx, kind, layer):
 def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_consumes(family):
     hf = small_model(family)
     model = hf_adapter.adapt(hf)
-    clean, _, metric = prompt_pair()
+    clean, _, metric = prompt_pair(B, T, VOCAB)
     Hkv = 2 if family in ("llama", "mistral") else H
     assert (model.config.n_head, model.config.n_kv_head, model.config.d_head,
             model.config.d_mlp) == (H, Hkv, DH, M)
@@ -221,7 +211,7 @@ def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_from_gives_the_full_forwards_logits_at_every_layer_and_start_position(family):
     model = hf_adapter.adapt(small_model(family))
-    clean, _, _ = prompt_pair()
+    clean, _, _ = prompt_pair(B, T, VOCAB)
     names = [f"blocks.{l}.{s}" for l in range(L) for s in ("hook_resid_pre",) + model.resume_sites]
     with torch.no_grad():
         logits, cache = atp.run_with_cache(model, clean, names + [f"blocks.{L - 1}.hook_resid_post"])
@@ -250,7 +240,7 @@ def test_exact_patching_equals_a_plain_hook_loop_on_the_hf_modules(family):
     """Every q, k, v, z node and a sample of neurons, patched on the HF modules by hooks written here
     (q, k, v at the projections' outputs, z and neurons at the output and down projections' inputs)."""
     hf = small_model(family)
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     kinds = atp.KINDS
     effects = atp.activation_patching(hf_adapter.adapt(hf), clean, noise, metric, kinds=kinds, progress=False)
     worst, count = 0.0, 0
@@ -277,7 +267,7 @@ def test_patching_a_query_or_key_before_the_rotary_embedding_equals_patching_it_
     for every q and k node (k nodes are key/value heads, 2 of them in the grouped-query Llama)."""
     hf = small_model(family)
     model = hf_adapter.adapt(hf)
-    clean, noise, _ = prompt_pair()
+    clean, noise, _ = prompt_pair(B, T, VOCAB)
     worst, moved = 0.0, 0.0
     with torch.no_grad():
         clean_logits = model(clean)
@@ -314,7 +304,7 @@ def test_patching_a_query_or_key_before_the_rotary_embedding_equals_patching_it_
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fast_forms_equal_reference_forms(family):
     model = hf_adapter.adapt(small_model(family))
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     kinds = atp.KINDS
     rows = {"activation_patching": (atp.activation_patching(model, clean, noise, metric, kinds,
                                                             progress=False),
@@ -344,7 +334,7 @@ def test_a_gpt2_gives_model_gpt_results_through_the_adapter_for_every_public_fun
     hf.save_pretrained(str(tmp_path))
     gpt = GPT.from_pretrained(str(tmp_path)).double()
     model = hf_adapter.adapt(hf)
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
 
     def every_function(m):
         out = {"activation_patching": atp.activation_patching(m, clean, noise, metric, progress=False),
@@ -394,7 +384,7 @@ def test_a_key_value_head_of_grouped_query_attention_is_its_query_heads_keys_tog
     gqa = small_model("llama")
     grouped, plain = (hf_adapter.adapt(gqa),
                       hf_adapter.adapt(llama_with_one_key_value_head_per_query_head(gqa)))
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     with torch.no_grad():
         logits_diff = max_diff(grouped(clean), plain(clean))
     effects = atp.activation_patching(grouped, clean, noise, metric, kinds=("k", "v"), progress=False)
@@ -462,7 +452,7 @@ def test_what_the_adapter_cannot_handle_is_refused_naming_the_feature(case):
 def test_padding_masks_gradient_checkpointing_and_other_transformers_versions_are_refused(monkeypatch):
     hf = small_model("neox")
     model = hf_adapter.adapt(hf)
-    clean, _, _ = prompt_pair()
+    clean, _, _ = prompt_pair(B, T, VOCAB)
     mask = torch.ones_like(clean)
     mask[:, 0] = 0
     with pytest.raises(ValueError, match="padding masks"):
@@ -496,7 +486,7 @@ def test_the_users_model_is_left_as_it_was_after_adapt_calls_and_failures():
     before = module_state(hf)
     model = hf_adapter.adapt(hf)
     assert model.model is hf and model.training
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     states = {"adapt": module_state(hf)}
     with torch.no_grad():
         model(clean, hooks={"blocks.0.attn.hook_q": lambda t: None})
@@ -526,7 +516,7 @@ def test_the_users_model_is_left_as_it_was_after_adapt_calls_and_failures():
 def test_a_bf16_model_runs_and_its_results_come_back_in_float32():
     hf64 = small_model("qwen2")
     hf16 = copy.deepcopy(hf64).to(torch.bfloat16)
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     results = {}
     for name, hf in (("float64", hf64), ("bfloat16", hf16)):
         model = hf_adapter.adapt(hf)
@@ -561,7 +551,7 @@ def test_a_model_dispatched_by_accelerate_with_a_layer_on_disk_gives_the_same_re
     assert dispatched.hf_device_map == device_map
     on_disk = dispatched.gpt_neox.layers[1]
     assert hasattr(on_disk, "_hf_hook") and on_disk.mlp.dense_4h_to_h.weight.is_meta  # loaded at each forward
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     rows = {}
     for name, m in (("plain", hf), ("dispatched", dispatched)):
         model = hf_adapter.adapt(m)

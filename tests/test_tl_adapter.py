@@ -35,7 +35,8 @@ from transformer_lens import patching as tl_patching  # noqa: E402
 
 import atp_minimal as atp  # noqa: E402
 import tl_adapter  # noqa: E402
-from helpers import fast_and_reference, max_diff, resumed_vs_full  # noqa: E402
+from helpers import (fast_and_reference, max_diff, prompt_pair, protocol_site_cache,  # noqa: E402
+                     resumed_vs_full)
 from model import GPT, GPTConfig  # noqa: E402
 
 TOL = 1e-10  # float64: every comparison is a different order of the same float64 operations
@@ -67,17 +68,6 @@ def small_model(style, seed=0, **overrides):
             elif not name.split(".")[-1].startswith("W_"):  # biases, LayerNorm weights and biases
                 p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model.eval()
-
-
-def prompt_pair(seed=1):
-    """B clean/noise pairs of length T that differ at two positions, and a logit-difference metric."""
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, VOCAB, (B, T), generator=g)
-    noise = clean.clone()
-    noise[:, 1] = (clean[:, 1] + 11) % VOCAB
-    noise[:, 3] = (clean[:, 3] + 23) % VOCAB
-    metric = atp.logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]))
-    return clean, noise, metric
 
 
 # --- TransformerLens's own view: native hook names, no adapter
@@ -118,19 +108,8 @@ def default_dtype(dtype):
 def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_consumes(style):
     model = small_model(style)
     adapted = tl_adapter.adapt(model)
-    clean, _, metric = prompt_pair()
-    H, Dh, M, D = 4, 8, 48, 32
-    shapes = {"hook_resid_pre": (B, T, D), "attn.hook_q": (B, T, H, Dh), "attn.hook_k": (B, T, H, Dh),
-              "attn.hook_v": (B, T, H, Dh), "attn.hook_z": (B, T, H, Dh), "attn.hook_pattern": (B, H, T, T),
-              "mlp.hook_post": (B, T, M), "hook_attn_out": (B, T, D), "hook_mlp_out": (B, T, D),
-              "hook_resid_post": (B, T, D)}
-    names = [f"blocks.{l}.{s}" for l in range(L) for s in shapes]
-    _, cache = atp.run_with_cache(adapted, clean, names)
-    for name in names:
-        assert tuple(cache[name].shape) == shapes[name.split(".", 2)[2]], name
-        assert cache[name].dtype == torch.float64
-    for l in range(L - 1):  # GradDrop's fast path: resid_pre of block l+1 is resid_post of block l itself
-        assert cache[f"blocks.{l + 1}.hook_resid_pre"] is cache[f"blocks.{l}.hook_resid_post"]
+    clean, _, metric = prompt_pair(B, T, VOCAB)
+    cache = protocol_site_cache(adapted, clean, H=4, Hkv=4, Dh=8, M=48, D=32)
     _, native = tl_run(model, clean, [tl_qk_site(model, k, l) for k in ("q", "k") for l in range(L)])
     diff = max(max_diff(cache[f"blocks.{l}.attn.hook_{k}"], native[tl_qk_site(model, k, l)])
                for k in ("q", "k") for l in range(L))
@@ -222,7 +201,7 @@ def every_public_function(model, clean, noise, metric):
 
 def test_a_hooked_transformer_with_gpt_weights_gives_model_gpt_results_for_every_public_function():
     gpt, twin = gpt_and_hooked_twin()
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     with torch.no_grad():
         logits_diff = max_diff(gpt(clean), twin(clean))
     assert logits_diff <= TOL
@@ -253,7 +232,7 @@ def test_exact_patching_equals_transformer_lens_patching(style, monkeypatch):
     (hook_q/hook_k), we the rotated ones: the same intervention."""
     monkeypatch.setattr(tl_patching, "tqdm", lambda items, **kwargs: items)  # no progress bars
     model = small_model(style)
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     ours = atp.activation_patching(tl_adapter.adapt(model), clean, noise, metric, progress=False)
     weights = torch.tensor([1.0, 0.37], dtype=torch.float64)
     scalar = lambda logits: (weights * metric(logits)).sum()
@@ -295,7 +274,7 @@ def test_patching_a_query_or_key_before_or_after_rotary_is_the_same_intervention
     head at one position before the rotation (TL's hook_q) or after it (hook_rot_q, our site) gives
     the same logits. On the learned-position model both hooks are the same site."""
     model = small_model(style)
-    clean, noise, _ = prompt_pair()
+    clean, noise, _ = prompt_pair(B, T, VOCAB)
     if style == "gpt2":
         assert "blocks.0.attn.hook_rot_q" not in model.hook_dict
         return
@@ -339,7 +318,7 @@ def test_adapted_q_k_and_attention_scale_reproduce_transformer_lens_attention_pa
     TransformerLens computed (its own run_with_cache), also with a custom or per-layer scale."""
     model = small_model(style, **SCALES[scale])
     adapted = tl_adapter.adapt(model)
-    clean, _, _ = prompt_pair()
+    clean, _, _ = prompt_pair(B, T, VOCAB)
     _, ours = atp.run_with_cache(adapted, clean,
                                  [f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in "qk"])
     _, theirs = model.run_with_cache(clean)
@@ -359,7 +338,7 @@ def test_fast_forms_equal_the_reference_forms_on_adapted_models(style):
     """atp_minimal's Part II (fast: resumed, batched, one backward graph) against its Part I (literal:
     one forward per node, the O(T^3) key fix, one forward + backward per dropped unit) on the adapter."""
     adapted = tl_adapter.adapt(small_model(style))
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     nodes = atp.all_nodes(adapted, "k", T)[::3] + atp.all_nodes(adapted, "neuron", T)[::29]
     cases = fast_and_reference(adapted, clean, noise, metric, nodes)
     print()
@@ -384,7 +363,7 @@ def test_forward_from_with_cached_keys_and_values_equals_the_full_forward(style)
     P.. with the cached values of positions :P gives the full forward's logits, also for the last
     position alone (our own unembedding tail)."""
     adapted = tl_adapter.adapt(small_model(style))
-    clean, _, _ = prompt_pair()
+    clean, _, _ = prompt_pair(B, T, VOCAB)
     worst, _ = resumed_vs_full(adapted, clean, (0, 2, T - 1))
     print(f"\n  {style}: resumed runs vs the full forward, every layer and split: max diff {worst:.1e}")
     assert worst <= TOL
@@ -427,7 +406,7 @@ def test_other_objects_and_versions_are_refused_with_the_reason(monkeypatch):
 
 def test_hooks_on_unknown_sites_or_returning_the_wrong_shape_raise_a_clear_error():
     adapted = tl_adapter.adapt(small_model("gpt2"))
-    clean, _, _ = prompt_pair()
+    clean, _, _ = prompt_pair(B, T, VOCAB)
     with pytest.raises(KeyError, match="hook_q_unrotated"):  # rotary models only
         adapted(clean, hooks={"blocks.0.attn.hook_q_unrotated": lambda t: None})
     with pytest.raises(ValueError, match="blocks.0.attn.hook_z"):
@@ -439,7 +418,7 @@ def test_the_users_model_keeps_its_weights_hooks_and_mode(style):
     model = small_model(style)
     model.train()
     before = copy.deepcopy(model.state_dict())
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     adapted = tl_adapter.adapt(model)
     atp.atp_star(adapted, clean, noise, metric)
     atp.activation_patching(adapted, clean, noise, metric, progress=False)
@@ -464,7 +443,7 @@ def test_processed_weights_give_the_same_effects_for_a_logit_difference_but_not_
     model = small_model("pythia")
     processed = copy.deepcopy(model)
     processed.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     raw_logit = lambda logits: logits[:, -1, 3]
     for name, fn in (("exact", lambda m, f: atp.activation_patching(m, clean, noise, f, progress=False)),
                      ("AtP*", lambda m, f: atp.atp_star(m, clean, noise, f))):

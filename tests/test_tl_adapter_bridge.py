@@ -40,7 +40,8 @@ from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb 
 
 import atp_minimal as atp  # noqa: E402
 import tl_adapter  # noqa: E402
-from helpers import fast_and_reference, max_diff, resumed_vs_full  # noqa: E402
+from helpers import (fast_and_reference, max_diff, prompt_pair, protocol_site_cache,  # noqa: E402
+                     resumed_vs_full)
 
 TOL = 1e-10  # float64: a different order of the same float64 operations
 FAMILIES = ("gpt2", "pythia", "llama")
@@ -113,18 +114,6 @@ def small_bridge(family, compat=False, seed=0, **overrides):
     return boot(small_hf_model(family, seed, **overrides), compat)
 
 
-def prompt_pair(seed=1, per_pair=True):
-    """B clean/noise pairs of length T that differ at two positions, and a logit-difference metric
-    (answer and wrong tokens per pair, or the same for every pair)."""
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, VOCAB, (B, T), generator=g)
-    noise = clean.clone()
-    noise[:, 1] = (clean[:, 1] + 11) % VOCAB
-    noise[:, 3] = (clean[:, 3] + 23) % VOCAB
-    ids = (torch.tensor([3, 4]), torch.tensor([5, 6])) if per_pair else (3, 5)
-    return clean, noise, atp.logit_diff(*ids)
-
-
 def largest(result):
     if isinstance(result, dict):
         return max(v.abs().max().item() for v in result.values())
@@ -164,21 +153,11 @@ def tl_run(bridge, idx, names, extra_hooks=()):
 def test_adapted_sites_have_the_protocol_shapes_and_are_the_tensors_the_forward_consumes(family):
     bridge = small_bridge(family)
     adapted = tl_adapter.adapt(bridge)
-    clean, _, metric = prompt_pair()
+    clean, _, metric = prompt_pair(B, T, VOCAB)
     Gk = KV_HEADS[family]
     assert (adapted.config.n_kv_head == Gk and atp.n_units(adapted, "k") == Gk
             and atp.n_units(adapted, "q") == H)
-    shapes = {"hook_resid_pre": (B, T, D), "attn.hook_q": (B, T, H, DH), "attn.hook_k": (B, T, Gk, DH),
-              "attn.hook_v": (B, T, Gk, DH), "attn.hook_z": (B, T, H, DH), "attn.hook_pattern": (B, H, T, T),
-              "mlp.hook_post": (B, T, M), "hook_attn_out": (B, T, D), "hook_mlp_out": (B, T, D),
-              "hook_resid_post": (B, T, D)}
-    names = [f"blocks.{l}.{s}" for l in range(L) for s in shapes]
-    _, cache = atp.run_with_cache(adapted, clean, names)
-    for name in names:
-        assert tuple(cache[name].shape) == shapes[name.split(".", 2)[2]], name
-        assert cache[name].dtype == torch.float64
-    for l in range(L - 1):  # GradDrop's fast path: resid_pre of block l+1 is resid_post of block l itself
-        assert cache[f"blocks.{l + 1}.hook_resid_pre"] is cache[f"blocks.{l}.hook_resid_post"]
+    cache = protocol_site_cache(adapted, clean, H, Gk, DH, M, D)
     # q and k: the bridge's own post-rotary hooks (Llama), its q and k (GPT-2), or on GPT-NeoX its
     # pre-rotary q and k rotated here by Hugging Face's apply_rotary_pos_emb with the bridge's cos and sin.
     native = [tl_site(family, x, l) for x in "qk" for l in range(L)]
@@ -229,7 +208,7 @@ def test_adapted_q_k_and_attention_scale_reproduce_the_bridges_attention_pattern
     float64 model, so there the agreement is float32's."""
     bridge = small_bridge(family, compat)
     adapted = tl_adapter.adapt(bridge)
-    clean, _, _ = prompt_pair()
+    clean, _, _ = prompt_pair(B, T, VOCAB)
     _, ours = atp.run_with_cache(adapted, clean,
                                  [f"blocks.{l}.attn.hook_{x}" for l in range(L) for x in "qk"])
     _, theirs = tl_run(bridge, clean, [f"blocks.{l}.attn.hook_pattern" for l in range(L)])
@@ -286,7 +265,7 @@ def tl_patching_loop(bridge, family, clean, noise, metric, neuron_stride):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_patching_equals_a_plain_loop_over_the_bridges_hooks(family):
     bridge = small_bridge(family)
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     ours = atp.activation_patching(tl_adapter.adapt(bridge), clean, noise, metric, progress=False)
     stride = 3
     theirs = tl_patching_loop(bridge, family, clean, noise, metric, stride)
@@ -310,7 +289,7 @@ def test_atp_equals_transformer_lens_attribution_patch(family, compat):
     clean, and: its attn_head_out (hook_z) node = our z estimate, its mlp_out node = the sum of our
     neuron estimates at that position (mlp_out is linear in the neurons), both averaged over the pairs."""
     bridge = small_bridge(family, compat)
-    clean, noise, metric = prompt_pair(per_pair=False)  # TL's metric sees one pair at a time
+    clean, noise, metric = prompt_pair(B, T, VOCAB, per_pair=False)  # TL's metric sees one pair at a time
     ours = atp.atp_estimates(tl_adapter.adapt(bridge), clean, noise, metric, kinds=("z", "neuron"))
     theirs = attribution_patch(bridge, clean=noise, corrupt=clean,
                                metric_fn=lambda logits: metric(logits).sum())
@@ -343,7 +322,7 @@ def test_fast_forms_equal_the_reference_forms_on_adapted_bridges(family, compat)
     RMSNorm in float32 even in a float64 model, so that difference carries float32 rounding: there the
     tolerance is 1e-5 of the largest score (measured: about 1e-6; 5e-14 with both made float64)."""
     adapted = tl_adapter.adapt(small_bridge(family, compat))
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     nodes = atp.all_nodes(adapted, "k", T)[::3] + atp.all_nodes(adapted, "neuron", T)[::7]
     cases = fast_and_reference(adapted, clean, noise, metric, nodes, exact_kinds=("q", "k", "v", "z"))
     print()
@@ -365,7 +344,7 @@ def test_compatibility_mode_moves_the_residual_stream_but_not_effects_on_a_logit
     node does to a logit difference does not, beyond that float32 rounding."""
     hf = small_hf_model("pythia")
     plain, processed = tl_adapter.adapt(boot(hf)), tl_adapter.adapt(boot(hf, compat=True))
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     resid = [f"blocks.{l}.hook_resid_post" for l in range(L)]
     moved = max_diff(atp.run_with_cache(plain, clean, resid)[1],
                      atp.run_with_cache(processed, clean, resid)[1])
@@ -387,7 +366,7 @@ def test_forward_from_on_pythia_with_cached_keys_and_values_equals_the_full_forw
     on the clean residual stream of positions P.. with the cached keys and values of positions :P gives
     the full forward's logits, for every layer and split, also for the last position alone."""
     adapted = tl_adapter.adapt(small_bridge("pythia"))
-    clean, _, _ = prompt_pair()
+    clean, _, _ = prompt_pair(B, T, VOCAB)
     worst, full = resumed_vs_full(adapted, clean, (0, 2, T - 1))
     print(f"\n  pythia: resumed runs vs the full forward, every layer and split: max diff {worst:.1e} "
           f"(logits up to {largest(full):.1f})")
@@ -399,7 +378,7 @@ def test_gpt2_and_llama_bridges_ignore_a_key_value_cache_so_their_adapters_have_
     """Given the prefix's cache, these bridges (with transformers 5.x) compute the suffix as if it stood
     alone: the adapter offers no forward_from, and atp_minimal runs full forwards."""
     bridge = small_bridge(family)
-    clean, _, _ = prompt_pair()
+    clean, _, _ = prompt_pair(B, T, VOCAB)
     P = 3
     with torch.no_grad():
         full = bridge(clean)
@@ -452,7 +431,7 @@ def test_bridges_the_adapter_cannot_handle_are_refused_with_the_reason(case):
 def test_qwen2_with_full_attention_is_handled_like_llama():
     """Qwen2: Llama's layout with q/k/v biases; grouped-query attention, the probe's identities hold."""
     adapted = tl_adapter.adapt(small_bridge("qwen2"))
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     d = max_diff(atp.atp_star(adapted, clean, noise, metric),
                  atp.atp_star_reference(adapted, clean, noise, metric))
     print(f"\n  qwen2: {adapted.family} family, n_kv_head {adapted.config.n_kv_head}; "
@@ -472,7 +451,7 @@ def test_other_versions_are_refused_with_the_reason(monkeypatch):
 
 def test_hooks_on_unknown_sites_or_returning_the_wrong_shape_raise_a_clear_error():
     adapted = tl_adapter.adapt(small_bridge("pythia"))
-    clean, _, _ = prompt_pair()
+    clean, _, _ = prompt_pair(B, T, VOCAB)
     with pytest.raises(KeyError, match="unknown hook site"):
         adapted(clean, hooks={"blocks.0.attn.hook_nothing": lambda t: None})
     for site in ("blocks.0.attn.hook_z", "blocks.0.attn.hook_q"):
@@ -485,7 +464,7 @@ def test_the_users_bridge_keeps_its_weights_hooks_and_mode(family):
     bridge = small_bridge(family)
     bridge.train()
     before = copy.deepcopy(bridge.state_dict())
-    clean, noise, metric = prompt_pair()
+    clean, noise, metric = prompt_pair(B, T, VOCAB)
     adapted = tl_adapter.adapt(bridge)
     atp.atp_star(adapted, clean, noise, metric)
     atp.verify(adapted, clean, noise, metric, atp.all_nodes(adapted, "q", T)[:8], 8, progress=False)
